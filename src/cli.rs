@@ -1,0 +1,50 @@
+//! The command line: `im-ingest [--config FILE] <command>`.
+//!
+//! Guarantee: every command loads the same layered settings (see [`crate::config`]) and
+//! returns an error instead of exiting, so `main` prints one line and exits non-zero.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::{config, store, telemetry};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "im-ingest",
+    version,
+    about = "Idempotent Kafka consumer that stores chat messages in MySQL exactly once in effect",
+    long_about = "Idempotent Kafka consumer that stores chat messages in MySQL exactly once \
+in effect.\n\nSettings come from built-in defaults, then one TOML file (--config, else \
+config/default.toml if present), then environment variables IM_INGEST__SECTION__KEY \
+(e.g. IM_INGEST__KAFKA__BROKERS), which win."
+)]
+pub struct Cli {
+    /// TOML settings file. Without it, config/default.toml is used if present, else the
+    /// built-in defaults. Environment variables IM_INGEST__SECTION__KEY override it.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the database if missing and apply pending schema migrations (idempotent).
+    Migrate,
+}
+
+/// Runs the parsed command to completion.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let (settings, source) = config::load(cli.config.as_deref())?;
+    telemetry::init(&settings.log)?;
+    tracing::debug!(%source, ?settings, "settings loaded");
+    match cli.command {
+        Command::Migrate => {
+            store::migrate(&settings.database).await?;
+            tracing::info!(database = %settings.database.url, "migrations applied");
+        }
+    }
+    Ok(())
+}

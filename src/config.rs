@@ -1,0 +1,511 @@
+//! Typed, layered configuration.
+//!
+//! Guarantee: the settings a process runs with are exactly built-in defaults, overlaid by
+//! one TOML file (if any), overlaid by `IM_INGEST__SECTION__KEY` environment variables;
+//! an unknown key or a value of the wrong type is an error that names the key and where
+//! it came from, never silently ignored. Secrets (passwords in URLs, SASL passwords)
+//! never appear in `Debug` output or logs.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use figment::providers::{Format, Toml};
+use figment::value::{Dict, Value};
+use figment::Figment;
+use serde::Deserialize;
+
+use crate::secret::{Secret, SecretUrl};
+
+/// Prefix of environment overrides: `IM_INGEST__KAFKA__BROKERS` sets `kafka.brokers`.
+pub const ENV_PREFIX: &str = "IM_INGEST__";
+
+/// The file used when `--config` is not given, if it exists (relative to the working
+/// directory). A container has no config directory and runs on built-in defaults.
+pub const DEFAULT_CONFIG_FILE: &str = "config/default.toml";
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub kafka: KafkaSettings,
+    pub database: DatabaseSettings,
+    pub redis: RedisSettings,
+    pub admin: AdminSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSettings {
+    /// `bootstrap.servers`: comma-separated `host:port` list.
+    pub brokers: String,
+    pub group_id: String,
+    pub inbound_topic: String,
+    /// Prefix of the delay topics, which are named `<retry_topic>-<delay ms>`.
+    pub retry_topic: String,
+    pub dlq_topic: String,
+    /// `security.protocol` (`plaintext`, `ssl`, `sasl_plaintext`, `sasl_ssl`).
+    pub security_protocol: Option<String>,
+    /// `sasl.mechanism` (`PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512`).
+    pub sasl_mechanism: Option<String>,
+    pub sasl_username: Option<String>,
+    pub sasl_password: Option<Secret>,
+    /// Raw librdkafka properties, applied last (e.g. `"fetch.min.bytes" = "1"`).
+    pub librdkafka: BTreeMap<String, String>,
+}
+
+impl Default for KafkaSettings {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            group_id: "im-ingest".into(),
+            inbound_topic: "im.inbound".into(),
+            retry_topic: "im.inbound.retry".into(),
+            dlq_topic: "im.inbound.dlq".into(),
+            security_protocol: None,
+            sasl_mechanism: None,
+            sasl_username: None,
+            sasl_password: None,
+            librdkafka: BTreeMap::new(),
+        }
+    }
+}
+
+/// Hand-written so that passthrough properties that look secret are redacted too.
+impl fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let librdkafka: BTreeMap<&str, &str> = self
+            .librdkafka
+            .iter()
+            .map(|(key, value)| {
+                let shown = if is_secret_property(key) {
+                    Secret::REDACTED
+                } else {
+                    value
+                };
+                (key.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("KafkaSettings")
+            .field("brokers", &self.brokers)
+            .field("group_id", &self.group_id)
+            .field("inbound_topic", &self.inbound_topic)
+            .field("retry_topic", &self.retry_topic)
+            .field("dlq_topic", &self.dlq_topic)
+            .field("security_protocol", &self.security_protocol)
+            .field("sasl_mechanism", &self.sasl_mechanism)
+            .field("sasl_username", &self.sasl_username)
+            .field("sasl_password", &self.sasl_password)
+            .field("librdkafka", &librdkafka)
+            .finish()
+    }
+}
+
+fn is_secret_property(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["password", "secret", "key.pem", "jaas"]
+        .iter()
+        .any(|word| key.contains(word))
+}
+
+impl KafkaSettings {
+    /// librdkafka client properties shared by every consumer, producer and admin client:
+    /// brokers, security, then the raw passthrough map (which may override anything).
+    pub fn client_config(&self) -> rdkafka::ClientConfig {
+        let mut config = rdkafka::ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        if let Some(protocol) = &self.security_protocol {
+            config.set("security.protocol", protocol);
+        }
+        if let Some(mechanism) = &self.sasl_mechanism {
+            config.set("sasl.mechanism", mechanism);
+        }
+        if let Some(username) = &self.sasl_username {
+            config.set("sasl.username", username);
+        }
+        if let Some(password) = &self.sasl_password {
+            config.set("sasl.password", password.expose());
+        }
+        for (key, value) in &self.librdkafka {
+            config.set(key, value);
+        }
+        config
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    /// `mysql://user:password@host:port/database`; the database is created if missing.
+    pub url: SecretUrl,
+    /// Apply pending migrations when the worker starts.
+    pub migrate_on_start: bool,
+    pub max_connections: u32,
+    /// How long to wait for a pooled connection before the operation fails.
+    pub acquire_timeout_ms: u64,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: SecretUrl::new("mysql://root@127.0.0.1:3306/im_ingest"),
+            migrate_on_start: true,
+            max_connections: 16,
+            acquire_timeout_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSettings {
+    /// `redis://[:password@]host:port[/db]`.
+    pub url: SecretUrl,
+    /// A Redis that does not accept within this time counts as down (degraded mode).
+    pub connect_timeout_ms: u64,
+    /// A Redis that does not answer within this time counts as hung (degraded mode).
+    pub response_timeout_ms: u64,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self {
+            url: SecretUrl::new("redis://127.0.0.1:6379"),
+            connect_timeout_ms: 1_000,
+            response_timeout_ms: 1_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSettings {
+    /// Address of the admin HTTP server (health, readiness, metrics, read API).
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// A `tracing` filter directive such as `info` or `im_ingest=debug,rdkafka=warn`.
+    /// `RUST_LOG`, when set, wins.
+    pub filter: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Human,
+            filter: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// Where the settings came from, for the start-up log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigSource {
+    File(PathBuf),
+    BuiltInDefaults,
+}
+
+impl fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigSource::File(path) => write!(f, "{}", path.display()),
+            ConfigSource::BuiltInDefaults => f.write_str("built-in defaults"),
+        }
+    }
+}
+
+/// Loads the settings: `explicit` (from `--config`) must exist; without it,
+/// [`DEFAULT_CONFIG_FILE`] is used when present, else the built-in defaults. Environment
+/// overrides apply in every case.
+pub fn load(explicit: Option<&Path>) -> anyhow::Result<(Settings, ConfigSource)> {
+    let source = match explicit {
+        Some(path) => {
+            anyhow::ensure!(
+                path.is_file(),
+                "configuration file {} does not exist or is not a file",
+                path.display()
+            );
+            ConfigSource::File(path.to_path_buf())
+        }
+        None if Path::new(DEFAULT_CONFIG_FILE).is_file() => {
+            ConfigSource::File(PathBuf::from(DEFAULT_CONFIG_FILE))
+        }
+        None => ConfigSource::BuiltInDefaults,
+    };
+    let env = EnvOverrides::from_process(ENV_PREFIX);
+    let settings = from_figment(figment(&source, env))?;
+    Ok((settings, source))
+}
+
+fn figment(source: &ConfigSource, env: EnvOverrides) -> Figment {
+    let mut figment = Figment::new();
+    if let ConfigSource::File(path) = source {
+        figment = figment.merge(Toml::file_exact(path));
+    }
+    figment.merge(env)
+}
+
+fn from_figment(figment: Figment) -> anyhow::Result<Settings> {
+    // Lossy: environment values are strings; `"5000"` becomes a number (and `"true"` a
+    // boolean) only where the key is numeric (boolean), while `"123"` stays a string for
+    // a string key such as `kafka.group_id`.
+    let settings: Settings = figment.extract_lossy().map_err(describe_error)?;
+    settings.validate()?;
+    Ok(settings)
+}
+
+/// Every error (not only the first) on one line, naming the key as users write it
+/// (`redis.connect_timeout_ms`) and where the value came from (file or variable).
+fn describe_error(error: figment::Error) -> anyhow::Error {
+    let messages: Vec<String> = error.into_iter().map(|e| describe_one(&e)).collect();
+    anyhow::anyhow!("invalid configuration: {}", messages.join("; "))
+}
+
+fn describe_one(error: &figment::Error) -> String {
+    let mut text = error.kind.to_string();
+    if !error.path.is_empty() {
+        text.push_str(&format!(" for key `{}`", error.path.join(".")));
+    }
+    match (&error.metadata, &error.profile) {
+        (Some(meta), _) if meta.source.is_some() => {
+            if let Some(source) = &meta.source {
+                text.push_str(&format!(" in {source}"));
+            }
+        }
+        (Some(meta), Some(profile)) if !error.path.is_empty() => {
+            text.push_str(&format!(" from {}", meta.interpolate(profile, &error.path)));
+        }
+        (Some(meta), _) => text.push_str(&format!(" from {}", meta.name)),
+        (None, _) => {}
+    }
+    text
+}
+
+/// `IM_INGEST__SECTION__KEY=value` variables as a figment provider. Unlike figment's own
+/// `Env`, values stay strings (so `"123"` is a valid group id) and keys split on `__`
+/// only (so `IM_INGEST__KAFKA__LIBRDKAFKA__FETCH.MIN.BYTES` keeps its dots).
+#[derive(Debug, Clone)]
+struct EnvOverrides {
+    prefix: String,
+    vars: Vec<(String, String)>,
+}
+
+impl EnvOverrides {
+    fn from_process(prefix: &str) -> Self {
+        Self::from_vars(prefix, std::env::vars_os().filter_map(|(k, v)| {
+            Some((k.into_string().ok()?, v.into_string().ok()?))
+        }))
+    }
+
+    fn from_vars(prefix: &str, vars: impl IntoIterator<Item = (String, String)>) -> Self {
+        let vars = vars
+            .into_iter()
+            .filter(|(key, _)| key.len() > prefix.len() && key.starts_with(prefix))
+            .collect();
+        Self {
+            prefix: prefix.to_string(),
+            vars,
+        }
+    }
+}
+
+impl figment::Provider for EnvOverrides {
+    fn metadata(&self) -> figment::Metadata {
+        let prefix = self.prefix.clone();
+        figment::Metadata::named("environment").interpolater(move |_profile, keys| {
+            format!("{prefix}{}", keys.join("__").to_ascii_uppercase())
+        })
+    }
+
+    fn data(&self) -> Result<figment::value::Map<figment::Profile, Dict>, figment::Error> {
+        let mut root = Dict::new();
+        for (name, value) in &self.vars {
+            let path: Vec<String> = name[self.prefix.len()..]
+                .split("__")
+                .map(|part| part.to_ascii_lowercase())
+                .collect();
+            insert_nested(&mut root, &path, Value::from(value.clone()));
+        }
+        Ok(figment::Profile::Default.collect(root))
+    }
+}
+
+fn insert_nested(dict: &mut Dict, path: &[String], value: Value) {
+    match path {
+        [] => {}
+        [last] => {
+            dict.insert(last.clone(), value);
+        }
+        [first, rest @ ..] => {
+            let entry = dict
+                .entry(first.clone())
+                .or_insert_with(|| Value::from(Dict::new()));
+            if !matches!(entry, Value::Dict(..)) {
+                *entry = Value::from(Dict::new());
+            }
+            if let Value::Dict(_, inner) = entry {
+                insert_nested(inner, rest, value);
+            }
+        }
+    }
+}
+
+impl Settings {
+    /// Cross-field and value checks that serde's types cannot express.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let kafka = &self.kafka;
+        for (key, value) in [
+            ("kafka.brokers", &kafka.brokers),
+            ("kafka.group_id", &kafka.group_id),
+            ("kafka.inbound_topic", &kafka.inbound_topic),
+            ("kafka.retry_topic", &kafka.retry_topic),
+            ("kafka.dlq_topic", &kafka.dlq_topic),
+        ] {
+            anyhow::ensure!(!value.trim().is_empty(), "invalid configuration: `{key}` is empty");
+        }
+        self.database
+            .url
+            .parsed()
+            .context("invalid configuration: `database.url` is not a URL")?;
+        self.redis
+            .url
+            .parsed()
+            .context("invalid configuration: `redis.url` is not a URL")?;
+        anyhow::ensure!(
+            self.database.max_connections > 0,
+            "invalid configuration: `database.max_connections` must be at least 1"
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_with(toml: &str, env: &[(&str, &str)]) -> anyhow::Result<Settings> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("test.toml");
+        std::fs::write(&path, toml).unwrap();
+        // Variables are handed in, not set on the process, so tests stay independent.
+        let vars = env
+            .iter()
+            .map(|(k, v)| (format!("{ENV_PREFIX}{k}"), v.to_string()));
+        let env = EnvOverrides::from_vars(ENV_PREFIX, vars);
+        from_figment(figment(&ConfigSource::File(path), env))
+    }
+
+    #[test]
+    fn built_in_defaults_match_the_contract() {
+        let s = load_with("", &[]).unwrap();
+        assert_eq!(s.kafka.brokers, "127.0.0.1:9092");
+        assert_eq!(s.kafka.group_id, "im-ingest");
+        assert_eq!(s.kafka.inbound_topic, "im.inbound");
+        assert_eq!(s.kafka.retry_topic, "im.inbound.retry");
+        assert_eq!(s.kafka.dlq_topic, "im.inbound.dlq");
+        assert_eq!(s.database.url.expose(), "mysql://root@127.0.0.1:3306/im_ingest");
+        assert_eq!(s.redis.url.expose(), "redis://127.0.0.1:6379");
+        assert_eq!(s.admin.listen.to_string(), "127.0.0.1:9464");
+        assert!(s.database.migrate_on_start);
+        assert_eq!(s.redis.connect_timeout_ms, 1_000);
+        assert_eq!(s.redis.response_timeout_ms, 1_000);
+    }
+
+    #[test]
+    fn environment_overrides_win_over_the_file() {
+        let s = load_with(
+            "[kafka]\nbrokers = \"file:1\"\ngroup_id = \"from-file\"\n",
+            &[("KAFKA__BROKERS", "env:2"), ("KAFKA__GROUP_ID", "123")],
+        )
+        .unwrap();
+        assert_eq!(s.kafka.brokers, "env:2");
+        // A numeric-looking value stays a string for a string key.
+        assert_eq!(s.kafka.group_id, "123");
+    }
+
+    #[test]
+    fn unknown_key_in_file_is_an_error_naming_it() {
+        let err = load_with("[kafka]\nbrokerz = \"x\"\n", &[]).unwrap_err();
+        let text = format!("{err:#}");
+        assert!(text.contains("brokerz"), "{text}");
+        assert!(text.contains("kafka"), "{text}");
+    }
+
+    #[test]
+    fn unknown_section_from_environment_is_an_error_naming_the_variable() {
+        let err = load_with("", &[("DATABSE__URL", "mysql://x")]).unwrap_err();
+        let text = format!("{err:#}");
+        assert!(text.contains("databse"), "{text}");
+        assert!(text.contains("IM_INGEST__DATABSE"), "{text}");
+    }
+
+    #[test]
+    fn malformed_environment_override_is_an_error_naming_the_key() {
+        let err = load_with("", &[("REDIS__CONNECT_TIMEOUT_MS", "soon")]).unwrap_err();
+        let text = format!("{err:#}");
+        assert!(text.contains("redis.connect_timeout_ms"), "{text}");
+        assert!(text.contains("IM_INGEST__REDIS__CONNECT_TIMEOUT_MS"), "{text}");
+    }
+
+    #[test]
+    fn environment_values_become_numbers_and_booleans_where_the_key_needs_them() {
+        let s = load_with(
+            "",
+            &[
+                ("REDIS__RESPONSE_TIMEOUT_MS", "250"),
+                ("DATABASE__MIGRATE_ON_START", "false"),
+                ("KAFKA__LIBRDKAFKA__FETCH.MIN.BYTES", "1"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.redis.response_timeout_ms, 250);
+        assert!(!s.database.migrate_on_start);
+        assert_eq!(s.kafka.librdkafka.get("fetch.min.bytes").map(String::as_str), Some("1"));
+    }
+
+    #[test]
+    fn malformed_socket_address_is_an_error_naming_the_key() {
+        let err = load_with("[admin]\nlisten = \"localhost\"\n", &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("admin.listen"), "{err:#}");
+    }
+
+    #[test]
+    fn debug_output_redacts_secrets() {
+        let s = load_with(
+            "[database]\nurl = \"mysql://app:hunter2@db:3306/im\"\n\
+             [redis]\nurl = \"redis://:sesame@cache:6379\"\n\
+             [kafka]\nsasl_password = \"kafkapass\"\n\
+             [kafka.librdkafka]\n\"ssl.key.password\" = \"keypass\"\n\"fetch.min.bytes\" = \"7\"\n",
+            &[],
+        )
+        .unwrap();
+        let text = format!("{s:?}");
+        for secret in ["hunter2", "sesame", "kafkapass", "keypass"] {
+            assert!(!text.contains(secret), "{secret} leaked in {text}");
+        }
+        assert!(text.contains("app"), "{text}");
+        assert!(text.contains("fetch.min.bytes"), "{text}");
+        assert_eq!(s.database.url.expose(), "mysql://app:hunter2@db:3306/im");
+    }
+}

@@ -1,0 +1,11 @@
+//! im-ingest: an idempotent Kafka consumer that stores chat messages, customers and
+//! sessions in MySQL exactly once in effect.
+//!
+//! The library holds all logic; the `im-ingest` binary is a thin wrapper around
+//! [`cli::run`]. See DESIGN.md for the architecture and the public contract.
+
+pub mod cli;
+pub mod config;
+pub mod secret;
+pub mod store;
+pub mod telemetry;

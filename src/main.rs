@@ -1,0 +1,17 @@
+//! `im-ingest` binary: parses the command line, runs it, and turns an error into one
+//! line on stderr and a non-zero exit code.
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = im_ingest::cli::Cli::parse();
+    match im_ingest::cli::run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // `{:#}` joins the context chain into one line: "creating database: access denied".
+            eprintln!("im-ingest: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

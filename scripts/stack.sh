@@ -56,6 +56,8 @@ managed_pid() {
   [ -f "$file" ] || return 1
   pid=$(cat "$file")
   [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+  # A killed service whose new parent has not reaped it yet is a zombie: dead.
+  case $(ps -o stat= -p "$pid" 2>/dev/null) in Z*|"") return 1 ;; esac
   echo "$pid"
 }
 
@@ -99,7 +101,7 @@ why_not() {
 wait_ready() {
   local svc=$1 pid=$2 deadline=$((SECONDS + STACK_WAIT_SECONDS))
   while ! answers "$svc"; do
-    if ! kill -0 "$pid" 2>/dev/null; then
+    if ! managed_pid "$svc" >/dev/null; then
       printf 'stack: %s (pid %s) exited during start-up\n' "$svc" "$pid" >&2
       show_log_tail "$svc"
       exit 1
@@ -280,7 +282,7 @@ down_one() {
   fi
   kill -TERM "$pid" 2>/dev/null || true
   local deadline=$((SECONDS + 30))
-  while kill -0 "$pid" 2>/dev/null; do
+  while managed_pid "$svc" >/dev/null; do
     if [ "$SECONDS" -ge "$deadline" ]; then
       say "$svc: pid $pid ignored SIGTERM for 30s, killing it"
       kill -KILL "$pid" 2>/dev/null || true

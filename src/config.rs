@@ -313,9 +313,11 @@ struct EnvOverrides {
 
 impl EnvOverrides {
     fn from_process(prefix: &str) -> Self {
-        Self::from_vars(prefix, std::env::vars_os().filter_map(|(k, v)| {
-            Some((k.into_string().ok()?, v.into_string().ok()?))
-        }))
+        Self::from_vars(
+            prefix,
+            std::env::vars_os()
+                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
+        )
     }
 
     fn from_vars(prefix: &str, vars: impl IntoIterator<Item = (String, String)>) -> Self {
@@ -382,7 +384,10 @@ impl Settings {
             ("kafka.retry_topic", &kafka.retry_topic),
             ("kafka.dlq_topic", &kafka.dlq_topic),
         ] {
-            anyhow::ensure!(!value.trim().is_empty(), "invalid configuration: `{key}` is empty");
+            anyhow::ensure!(
+                !value.trim().is_empty(),
+                "invalid configuration: `{key}` is empty"
+            );
         }
         self.database
             .url
@@ -424,7 +429,10 @@ mod tests {
         assert_eq!(s.kafka.inbound_topic, "im.inbound");
         assert_eq!(s.kafka.retry_topic, "im.inbound.retry");
         assert_eq!(s.kafka.dlq_topic, "im.inbound.dlq");
-        assert_eq!(s.database.url.expose(), "mysql://root@127.0.0.1:3306/im_ingest");
+        assert_eq!(
+            s.database.url.expose(),
+            "mysql://root@127.0.0.1:3306/im_ingest"
+        );
         assert_eq!(s.redis.url.expose(), "redis://127.0.0.1:6379");
         assert_eq!(s.admin.listen.to_string(), "127.0.0.1:9464");
         assert!(s.database.migrate_on_start);
@@ -465,7 +473,10 @@ mod tests {
         let err = load_with("", &[("REDIS__CONNECT_TIMEOUT_MS", "soon")]).unwrap_err();
         let text = format!("{err:#}");
         assert!(text.contains("redis.connect_timeout_ms"), "{text}");
-        assert!(text.contains("IM_INGEST__REDIS__CONNECT_TIMEOUT_MS"), "{text}");
+        assert!(
+            text.contains("IM_INGEST__REDIS__CONNECT_TIMEOUT_MS"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -481,7 +492,13 @@ mod tests {
         .unwrap();
         assert_eq!(s.redis.response_timeout_ms, 250);
         assert!(!s.database.migrate_on_start);
-        assert_eq!(s.kafka.librdkafka.get("fetch.min.bytes").map(String::as_str), Some("1"));
+        assert_eq!(
+            s.kafka
+                .librdkafka
+                .get("fetch.min.bytes")
+                .map(String::as_str),
+            Some("1")
+        );
     }
 
     #[test]

@@ -92,8 +92,14 @@ mod tests {
     fn url_password_is_replaced_but_user_and_host_stay() {
         let url = SecretUrl::new("mysql://app:p%40ss@db.internal:3306/im");
         let shown = format!("{url} {url:?}");
-        assert!(!shown.contains("p%40ss") && !shown.contains("p@ss"), "{shown}");
-        assert!(shown.contains("app:") && shown.contains("db.internal:3306/im"), "{shown}");
+        assert!(
+            !shown.contains("p%40ss") && !shown.contains("p@ss"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("app:") && shown.contains("db.internal:3306/im"),
+            "{shown}"
+        );
         assert_eq!(url.expose(), "mysql://app:p%40ss@db.internal:3306/im");
     }
 

@@ -41,7 +41,8 @@ pub async fn create_database_if_missing(url: &SecretUrl) -> anyhow::Result<()> {
         "database URL {url} names no database (expected mysql://…/<database>)"
     );
     anyhow::ensure!(
-        name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$'),
+        name.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$'),
         "database name `{name}` may use only letters, digits, `_` and `$`"
     );
     server_url.set_path("");

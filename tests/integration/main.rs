@@ -1,0 +1,10 @@
+//! Integration tests against real services: Apache Kafka, MariaDB and Redis as started by
+//! `scripts/stack.sh up` (or any servers given by the `IM_TEST_*` variables in
+//! `helpers`). Every test uses its own database, topics and consumer group, so the
+//! suite runs in parallel.
+
+mod cli_config;
+mod helpers;
+mod kafka_offsets;
+mod schema;
+mod stack_script;

@@ -6,6 +6,9 @@
 
 pub mod cli;
 pub mod config;
+pub mod lock;
+pub mod message;
+pub mod retry;
 pub mod secret;
 pub mod store;
 pub mod telemetry;

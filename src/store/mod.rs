@@ -1,8 +1,12 @@
-//! MySQL storage: connection pool, database creation and schema migrations.
+//! MySQL storage: connection pool, database creation, schema migrations, and the
+//! idempotent message write.
 //!
 //! Guarantee: the schema is the one in `migrations/` (embedded at compile time); applying
-//! it is idempotent, and the database is created if missing.
+//! it is idempotent, and the database is created if missing. Writes never duplicate a
+//! customer, session or message (see `write`).
 
 mod migrate;
+mod write;
 
 pub use migrate::{connect, create_database_if_missing, migrate, MIGRATOR};
+pub use write::{is_retryable, write_message, Provenance, WriteOutcome};

@@ -81,3 +81,8 @@ pub fn im_ingest(args: &[&str], envs: &[(&str, &str)]) -> Output {
 pub fn stderr_of(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
+
+/// Redis of the test stack (`IM_TEST_REDIS_URL`, default the local stack).
+pub fn redis_url() -> String {
+    std::env::var("IM_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}

@@ -6,5 +6,7 @@
 mod cli_config;
 mod helpers;
 mod kafka_offsets;
+mod lock;
 mod schema;
 mod stack_script;
+mod store_write;

@@ -1,0 +1,237 @@
+//! Per-user lease lock in Redis (DESIGN.md, "Defence in depth", layer 1).
+//!
+//! Guarantee: a key is taken with `SET key <random token> NX PX <lease>`; it is deleted
+//! or extended only by the holder of its token (compare-and-delete, compare-then-PEXPIRE,
+//! each one atomic Lua script), so a holder whose lease expired can never remove or
+//! prolong the next holder's lock. While work runs, a [`LockGuard`] extends the lease
+//! every third of it. The lock is an efficiency device, not the duplicate guarantee: a
+//! process paused past its lease loses the lock without knowing — the unique indexes
+//! are what keep data single.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
+
+use crate::config::RedisSettings;
+use crate::message::UserKey;
+
+/// Lua: delete the key only if it still holds our token. Returns 1 if deleted.
+const RELEASE_SCRIPT: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0";
+
+/// Lua: reset the key's TTL only if it still holds our token. Returns 1 if extended.
+const EXTEND_SCRIPT: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0";
+
+/// The Redis key of a user's lock. The braces are a Redis Cluster hash tag: every key a
+/// script touches for this user lands in one slot.
+pub fn lock_key(user: &UserKey) -> String {
+    format!(
+        "im:lock:{{{}:{}:{}}}",
+        user.tenant_id, user.platform, user.user_id
+    )
+}
+
+/// Outcome of one acquisition attempt.
+#[derive(Debug)]
+pub enum Acquire {
+    Acquired(LockGuard),
+    /// Someone else holds the key. `remaining` is its TTL, or `None` when the key has no
+    /// TTL (a lock without one never shortens a retry delay).
+    HeldElsewhere {
+        remaining: Option<Duration>,
+    },
+}
+
+/// Client for the lease locks of all users.
+#[derive(Clone)]
+pub struct LockClient {
+    connection: ConnectionManager,
+    lease: Duration,
+    release: Arc<Script>,
+    extend: Arc<Script>,
+}
+
+impl std::fmt::Debug for LockClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LockClient")
+            .field("lease", &self.lease)
+            .finish()
+    }
+}
+
+impl LockClient {
+    /// Creates the client; the connection is made lazily, on first use, so a Redis that is
+    /// down at start-up does not stop the process. Every command is bounded by the
+    /// configured connect and response timeouts.
+    pub fn new(settings: &RedisSettings, lease: Duration) -> anyhow::Result<Self> {
+        let client = redis::Client::open(settings.url.expose())
+            .with_context(|| format!("invalid Redis URL {}", settings.url))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(settings.connect_timeout_ms)))
+            .set_response_timeout(Some(Duration::from_millis(settings.response_timeout_ms)))
+            .set_number_of_retries(1);
+        let connection = ConnectionManager::new_lazy_with_config(client, config)
+            .with_context(|| format!("creating the Redis connection to {}", settings.url))?;
+        Ok(Self {
+            connection,
+            lease,
+            release: Arc::new(Script::new(RELEASE_SCRIPT)),
+            extend: Arc::new(Script::new(EXTEND_SCRIPT)),
+        })
+    }
+
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    /// One round trip: `SET NX PX` and, for the case it fails, `PTTL` of the holder.
+    pub async fn acquire(&self, user: &UserKey) -> redis::RedisResult<Acquire> {
+        let key = lock_key(user);
+        let token = new_token();
+        let mut connection = self.connection.clone();
+        let (set, pttl): (Option<String>, i64) = redis::pipe()
+            .cmd("SET")
+            .arg(&key)
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(self.lease))
+            .cmd("PTTL")
+            .arg(&key)
+            .query_async(&mut connection)
+            .await?;
+        if set.is_some() {
+            metrics::counter!("im_ingest_lock_acquisitions_total").increment(1);
+            return Ok(Acquire::Acquired(self.guard(key, token)));
+        }
+        metrics::counter!("im_ingest_lock_conflicts_total").increment(1);
+        let remaining = match pttl {
+            -1 => None,
+            // -2: the holder's key expired between SET and PTTL; it is free again.
+            ms => Some(Duration::from_millis(ms.max(0) as u64)),
+        };
+        Ok(Acquire::HeldElsewhere { remaining })
+    }
+
+    /// Starts the lease keeper for a key we hold.
+    fn guard(&self, key: String, token: String) -> LockGuard {
+        let lost = Arc::new(AtomicBool::new(false));
+        let keeper = tokio::spawn(keep_lease(
+            self.clone(),
+            key.clone(),
+            token.clone(),
+            lost.clone(),
+        ));
+        LockGuard {
+            client: self.clone(),
+            key,
+            token,
+            lost,
+            keeper,
+        }
+    }
+
+    /// Deletes `key` if it still holds `token`; returns whether it did.
+    pub async fn release_token(&self, key: &str, token: &str) -> redis::RedisResult<bool> {
+        let mut connection = self.connection.clone();
+        let deleted: i64 = self
+            .release
+            .key(key)
+            .arg(token)
+            .invoke_async(&mut connection)
+            .await?;
+        Ok(deleted == 1)
+    }
+
+    /// Resets `key`'s TTL to the lease if it still holds `token`; returns whether it did.
+    pub async fn extend_token(&self, key: &str, token: &str) -> redis::RedisResult<bool> {
+        let mut connection = self.connection.clone();
+        let extended: i64 = self
+            .extend
+            .key(key)
+            .arg(token)
+            .arg(millis(self.lease))
+            .invoke_async(&mut connection)
+            .await?;
+        Ok(extended == 1)
+    }
+}
+
+/// A held lock. Its lease is extended in the background (every third of the lease)
+/// until [`LockGuard::release`] or drop; dropping without release stops the extension
+/// and leaves the key to expire.
+#[derive(Debug)]
+pub struct LockGuard {
+    client: LockClient,
+    key: String,
+    token: String,
+    lost: Arc<AtomicBool>,
+    keeper: tokio::task::JoinHandle<()>,
+}
+
+impl LockGuard {
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// True once an extension found the key gone or held by someone else: the lease ran
+    /// out (a long pause), and another holder may be working on this user.
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Relaxed)
+    }
+
+    /// Stops extending and deletes the key if it is still ours. Returns whether it was.
+    pub async fn release(self) -> redis::RedisResult<bool> {
+        self.keeper.abort();
+        self.client.release_token(&self.key, &self.token).await
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        self.keeper.abort();
+    }
+}
+
+async fn keep_lease(client: LockClient, key: String, token: String, lost: Arc<AtomicBool>) {
+    let period = client.lease / 3;
+    loop {
+        tokio::time::sleep(period).await;
+        match client.extend_token(&key, &token).await {
+            Ok(true) => {
+                metrics::counter!("im_ingest_lock_extensions_total").increment(1);
+            }
+            Ok(false) => {
+                lost.store(true, Ordering::Relaxed);
+                tracing::warn!(%key, "lock lease lost before the work finished");
+                return;
+            }
+            // A transient Redis error: try again next period; the unique indexes still
+            // guard the data if the lease runs out meanwhile.
+            Err(error) => tracing::warn!(%key, %error, "extending the lock lease failed"),
+        }
+    }
+}
+
+fn new_token() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+fn millis(duration: Duration) -> u64 {
+    duration.as_millis().try_into().unwrap_or(u64::MAX)
+}

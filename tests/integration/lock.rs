@@ -1,0 +1,150 @@
+//! The Redis lease lock against a real Redis: only the token holder releases or extends,
+//! and a holder whose lease expired cannot touch the next holder's key.
+
+use std::time::Duration;
+
+use im_ingest::config::RedisSettings;
+use im_ingest::lock::{lock_key, Acquire, LockClient, LockGuard};
+use im_ingest::message::UserKey;
+use im_ingest::secret::SecretUrl;
+use redis::AsyncCommands;
+
+use crate::helpers::{redis_url, unique};
+
+fn client(lease: Duration) -> LockClient {
+    let settings = RedisSettings {
+        url: SecretUrl::new(redis_url()),
+        ..RedisSettings::default()
+    };
+    LockClient::new(&settings, lease).unwrap()
+}
+
+fn user() -> UserKey {
+    UserKey {
+        tenant_id: "t".into(),
+        platform: "p".into(),
+        user_id: unique("lock_user"),
+    }
+}
+
+async fn raw() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+async fn acquired(client: &LockClient, user: &UserKey) -> LockGuard {
+    match client.acquire(user).await.unwrap() {
+        Acquire::Acquired(guard) => guard,
+        Acquire::HeldElsewhere { .. } => panic!("lock unexpectedly held"),
+    }
+}
+
+#[tokio::test]
+async fn second_acquirer_sees_the_lock_held_with_its_remaining_ttl() {
+    let locks = client(Duration::from_secs(10));
+    let user = user();
+    let guard = acquired(&locks, &user).await;
+    match locks.acquire(&user).await.unwrap() {
+        Acquire::HeldElsewhere { remaining } => {
+            let remaining = remaining.expect("the lock has a TTL");
+            assert!(remaining > Duration::from_secs(8) && remaining <= Duration::from_secs(10));
+        }
+        Acquire::Acquired(_) => panic!("two holders of one lock"),
+    }
+    assert!(guard.release().await.unwrap());
+    // Released: free again.
+    acquired(&locks, &user).await.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn lock_without_ttl_reports_no_remaining_time() {
+    let locks = client(Duration::from_secs(10));
+    let user = user();
+    let mut redis = raw().await;
+    let _: () = redis.set(lock_key(&user), "outsider").await.unwrap();
+    match locks.acquire(&user).await.unwrap() {
+        Acquire::HeldElsewhere { remaining } => assert_eq!(remaining, None),
+        Acquire::Acquired(_) => panic!("acquired a key held from outside"),
+    }
+    let _: () = redis.del(lock_key(&user)).await.unwrap();
+}
+
+#[tokio::test]
+async fn release_with_a_foreign_token_leaves_the_key() {
+    let locks = client(Duration::from_secs(10));
+    let user = user();
+    let guard = acquired(&locks, &user).await;
+    let key = guard.key().to_string();
+    assert!(!locks.release_token(&key, "not-the-token").await.unwrap());
+    let mut redis = raw().await;
+    let value: Option<String> = redis.get(&key).await.unwrap();
+    assert_eq!(value.as_deref(), Some(guard.token()));
+    assert!(guard.release().await.unwrap());
+    let value: Option<String> = redis.get(&key).await.unwrap();
+    assert_eq!(value, None);
+}
+
+#[tokio::test]
+async fn work_longer_than_the_lease_keeps_the_key_alive() {
+    let lease = Duration::from_millis(600);
+    let locks = client(lease);
+    let user = user();
+    let guard = acquired(&locks, &user).await;
+    let mut redis = raw().await;
+    // Four leases long; sample the TTL every 50 ms.
+    for _ in 0..48 {
+        let ttl: i64 = redis.pttl(guard.key()).await.unwrap();
+        assert!(ttl > 0, "lease ran out while work was running (pttl {ttl})");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!guard.is_lost());
+    assert!(guard.release().await.unwrap());
+}
+
+#[tokio::test]
+async fn holder_whose_lease_expired_does_not_delete_the_next_holders_key() {
+    let lease = Duration::from_millis(300);
+    let stalled = client(lease);
+    let user = user();
+    let key = lock_key(&user);
+    let first = acquired(&stalled, &user).await;
+    let first_token = first.token().to_string();
+    // Simulate a process paused past its lease: stop its keeper, let the lease run out.
+    drop(first);
+    tokio::time::sleep(lease + Duration::from_millis(200)).await;
+
+    let next = acquired(&client(Duration::from_secs(10)), &user).await;
+    assert!(!stalled.release_token(&key, &first_token).await.unwrap());
+    assert!(!stalled.extend_token(&key, &first_token).await.unwrap());
+    let mut redis = raw().await;
+    let value: Option<String> = redis.get(&key).await.unwrap();
+    assert_eq!(value.as_deref(), Some(next.token()));
+    let ttl: i64 = redis.pttl(&key).await.unwrap();
+    assert!(
+        ttl > 5_000,
+        "the stalled holder changed the new lease: {ttl}"
+    );
+    assert!(next.release().await.unwrap());
+}
+
+#[tokio::test]
+async fn guard_notices_when_its_lease_was_taken_over() {
+    let lease = Duration::from_millis(300);
+    let locks = client(lease);
+    let user = user();
+    let guard = acquired(&locks, &user).await;
+    let mut redis = raw().await;
+    let _: () = redis.set(guard.key(), "someone-else").await.unwrap();
+    tokio::time::sleep(lease).await;
+    assert!(guard.is_lost());
+    assert!(
+        !guard.release().await.unwrap(),
+        "released a key that was not ours"
+    );
+    let value: Option<String> = redis.get(lock_key(&user)).await.unwrap();
+    assert_eq!(value.as_deref(), Some("someone-else"));
+    let _: () = redis.del(lock_key(&user)).await.unwrap();
+}

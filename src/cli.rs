@@ -31,6 +31,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the worker: consume the inbound topic in the consumer group and store every
+    /// message, customer and session exactly once in effect. Stops on SIGINT/SIGTERM.
+    Run,
     /// Create the database if missing and apply pending schema migrations (idempotent).
     Migrate,
 }
@@ -41,6 +44,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     telemetry::init(&settings.log)?;
     tracing::debug!(%source, ?settings, "settings loaded");
     match cli.command {
+        Command::Run => crate::worker::run(&settings, crate::worker::shutdown_signal()).await?,
         Command::Migrate => {
             store::migrate(&settings.database).await?;
             tracing::info!(database = %settings.database.url, "migrations applied");

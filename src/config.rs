@@ -34,6 +34,9 @@ pub struct Settings {
     pub redis: RedisSettings,
     pub admin: AdminSettings,
     pub log: LogSettings,
+    pub worker: WorkerSettings,
+    pub lock: LockSettings,
+    pub retry: RetrySettings,
 }
 
 #[derive(Clone, Deserialize)]
@@ -52,6 +55,10 @@ pub struct KafkaSettings {
     pub sasl_mechanism: Option<String>,
     pub sasl_username: Option<String>,
     pub sasl_password: Option<Secret>,
+    /// Partitions of a topic the worker creates because it is missing.
+    pub topic_partitions: i32,
+    /// Replication factor of a topic the worker creates because it is missing.
+    pub topic_replication: i32,
     /// Raw librdkafka properties, applied last (e.g. `"fetch.min.bytes" = "1"`).
     pub librdkafka: BTreeMap<String, String>,
 }
@@ -68,6 +75,8 @@ impl Default for KafkaSettings {
             sasl_mechanism: None,
             sasl_username: None,
             sasl_password: None,
+            topic_partitions: 6,
+            topic_replication: 1,
             librdkafka: BTreeMap::new(),
         }
     }
@@ -98,6 +107,8 @@ impl fmt::Debug for KafkaSettings {
             .field("sasl_mechanism", &self.sasl_mechanism)
             .field("sasl_username", &self.sasl_username)
             .field("sasl_password", &self.sasl_password)
+            .field("topic_partitions", &self.topic_partitions)
+            .field("topic_replication", &self.topic_replication)
             .field("librdkafka", &librdkafka)
             .finish()
     }
@@ -217,6 +228,91 @@ impl Default for LogSettings {
 pub enum LogFormat {
     Human,
     Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerSettings {
+    /// Larger record values are invalid (dead-lettered with the reason).
+    pub max_message_bytes: usize,
+    /// Records received but not yet durable, across all partitions. When reached, the
+    /// worker stops fetching until some finish: memory stays bounded under any backlog.
+    pub max_in_flight: usize,
+    /// Pause before retrying a batch whose database write failed (doubles, capped).
+    pub db_retry_initial_ms: u64,
+    pub db_retry_max_ms: u64,
+    /// At shutdown, how long in-flight records get to finish before offsets are
+    /// committed and the process exits (unfinished ones are redelivered later).
+    pub shutdown_deadline_ms: u64,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: crate::message::DEFAULT_MAX_BYTES,
+            max_in_flight: 1_000,
+            db_retry_initial_ms: 100,
+            db_retry_max_ms: 5_000,
+            shutdown_deadline_ms: 20_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LockSettings {
+    /// Lease of a per-user lock; extended every third of it while work runs.
+    pub lease_ms: u64,
+}
+
+impl Default for LockSettings {
+    fn default() -> Self {
+        Self { lease_ms: 10_000 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetrySettings {
+    /// One delay topic per entry, `<kafka.retry_topic>-<delay ms>`; the n-th retry uses
+    /// the n-th. In the environment: a comma-separated list (`250,1000,4000`).
+    #[serde(deserialize_with = "list_or_comma_separated")]
+    pub delays_ms: Vec<u64>,
+    /// Deliveries in all, the first included; then the record is dead-lettered.
+    pub max_attempts: u32,
+    /// Upward jitter of each delay, as a fraction (0.2 = up to +20%).
+    pub jitter: f64,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        Self {
+            delays_ms: vec![250, 1_000, 4_000, 16_000],
+            max_attempts: 5,
+            jitter: 0.2,
+        }
+    }
+}
+
+fn list_or_comma_separated<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        List(Vec<u64>),
+        Text(String),
+    }
+    match Form::deserialize(d)? {
+        Form::List(list) => Ok(list),
+        Form::Text(text) => text
+            .split(',')
+            .map(|part| part.trim().parse::<u64>())
+            .collect::<Result<_, _>>()
+            .map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "expected a list of milliseconds such as \"250,1000,4000\", got {text:?}"
+                ))
+            }),
+    }
 }
 
 /// Where the settings came from, for the start-up log line.
@@ -401,6 +497,30 @@ impl Settings {
             self.database.max_connections > 0,
             "invalid configuration: `database.max_connections` must be at least 1"
         );
+        anyhow::ensure!(
+            self.worker.max_in_flight > 0,
+            "invalid configuration: `worker.max_in_flight` must be at least 1"
+        );
+        anyhow::ensure!(
+            self.lock.lease_ms >= 30,
+            "invalid configuration: `lock.lease_ms` must be at least 30"
+        );
+        anyhow::ensure!(
+            !self.retry.delays_ms.is_empty() && self.retry.delays_ms.iter().all(|d| *d > 0),
+            "invalid configuration: `retry.delays_ms` needs at least one delay, each above 0"
+        );
+        anyhow::ensure!(
+            self.retry.max_attempts >= 1,
+            "invalid configuration: `retry.max_attempts` must be at least 1"
+        );
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.retry.jitter),
+            "invalid configuration: `retry.jitter` must be between 0 and 1"
+        );
+        anyhow::ensure!(
+            self.kafka.topic_partitions >= 1 && self.kafka.topic_replication >= 1,
+            "invalid configuration: `kafka.topic_partitions` and `kafka.topic_replication` must be at least 1"
+        );
         Ok(())
     }
 }
@@ -499,6 +619,16 @@ mod tests {
                 .map(String::as_str),
             Some("1")
         );
+    }
+
+    #[test]
+    fn retry_delays_come_as_a_list_from_a_file_or_comma_separated_from_the_environment() {
+        let s = load_with("[retry]\ndelays_ms = [100, 200]\n", &[]).unwrap();
+        assert_eq!(s.retry.delays_ms, [100, 200]);
+        let s = load_with("", &[("RETRY__DELAYS_MS", "50, 500,5000")]).unwrap();
+        assert_eq!(s.retry.delays_ms, [50, 500, 5000]);
+        let err = load_with("", &[("RETRY__DELAYS_MS", "50,soon")]).unwrap_err();
+        assert!(format!("{err:#}").contains("retry.delays_ms"), "{err:#}");
     }
 
     #[test]

@@ -6,9 +6,12 @@
 
 pub mod cli;
 pub mod config;
+pub mod consumer;
 pub mod lock;
 pub mod message;
+pub mod pipeline;
 pub mod retry;
 pub mod secret;
 pub mod store;
 pub mod telemetry;
+pub mod worker;

@@ -5,3 +5,5 @@
 //! traced back to (and replayed from) its main-topic coordinates.
 
 pub mod headers;
+pub mod policy;
+pub mod publish;

@@ -86,3 +86,144 @@ pub fn stderr_of(output: &Output) -> String {
 pub fn redis_url() -> String {
     std::env::var("IM_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
+
+/// An `im-ingest run` process with its own topics, group and database; killed on drop.
+pub struct WorkerProcess {
+    child: std::process::Child,
+    pub log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl WorkerProcess {
+    pub fn start(env: &WorkerEnv) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("worker.log");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_im-ingest"));
+        command
+            .arg("run")
+            .current_dir(dir.path())
+            .stdout(std::fs::File::create(dir.path().join("stdout.log")).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (key, _) in std::env::vars() {
+            if key.starts_with("IM_INGEST__") {
+                command.env_remove(key);
+            }
+        }
+        command.envs(env.vars());
+        let child = command.spawn().expect("starting im-ingest run");
+        Self {
+            child,
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then wait (bounded) for the exit.
+    pub fn stop(mut self) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Names and settings private to one test: topics, consumer group, database.
+#[derive(Debug, Clone)]
+pub struct WorkerEnv {
+    pub inbound: String,
+    pub retry_prefix: String,
+    pub dlq: String,
+    pub group: String,
+    pub database: String,
+    pub partitions: i32,
+}
+
+impl WorkerEnv {
+    pub fn new(partitions: i32) -> Self {
+        let id = unique("t");
+        Self {
+            inbound: format!("{id}.in"),
+            retry_prefix: format!("{id}.retry"),
+            dlq: format!("{id}.dlq"),
+            group: format!("{id}.group"),
+            database: format!("im_test_{}", &id[2..]),
+            partitions,
+        }
+    }
+
+    pub fn database_url(&self) -> String {
+        format!("{}/{}", mysql_server_url(), self.database)
+    }
+
+    pub fn first_delay_topic(&self) -> String {
+        format!("{}-250", self.retry_prefix)
+    }
+
+    pub fn vars(&self) -> Vec<(String, String)> {
+        [
+            ("IM_INGEST__KAFKA__BROKERS", brokers()),
+            ("IM_INGEST__KAFKA__INBOUND_TOPIC", self.inbound.clone()),
+            ("IM_INGEST__KAFKA__RETRY_TOPIC", self.retry_prefix.clone()),
+            ("IM_INGEST__KAFKA__DLQ_TOPIC", self.dlq.clone()),
+            ("IM_INGEST__KAFKA__GROUP_ID", self.group.clone()),
+            (
+                "IM_INGEST__KAFKA__TOPIC_PARTITIONS",
+                self.partitions.to_string(),
+            ),
+            (
+                "IM_INGEST__KAFKA__LIBRDKAFKA__SESSION.TIMEOUT.MS",
+                "6000".into(),
+            ),
+            (
+                "IM_INGEST__KAFKA__LIBRDKAFKA__AUTO.COMMIT.INTERVAL.MS",
+                "200".into(),
+            ),
+            ("IM_INGEST__DATABASE__URL", self.database_url()),
+            ("IM_INGEST__REDIS__URL", redis_url()),
+            ("IM_INGEST__LOG__FILTER", "info,im_ingest=debug".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// The same settings as the worker process gets, for driving the library directly.
+    pub fn settings(&self) -> im_ingest::config::Settings {
+        let mut s = im_ingest::config::Settings::default();
+        s.kafka.brokers = brokers();
+        s.kafka.inbound_topic = self.inbound.clone();
+        s.kafka.retry_topic = self.retry_prefix.clone();
+        s.kafka.dlq_topic = self.dlq.clone();
+        s.kafka.group_id = self.group.clone();
+        s.kafka.topic_partitions = self.partitions;
+        s.database.url = im_ingest::secret::SecretUrl::new(self.database_url());
+        s.redis.url = im_ingest::secret::SecretUrl::new(redis_url());
+        s
+    }
+
+    pub async fn drop_database(&self) {
+        TestDatabase {
+            name: self.database.clone(),
+        }
+        .drop_now()
+        .await;
+    }
+}

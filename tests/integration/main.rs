@@ -6,7 +6,10 @@
 mod cli_config;
 mod helpers;
 mod kafka_offsets;
+mod kafka_util;
 mod lock;
+mod pipeline;
 mod schema;
 mod stack_script;
 mod store_write;
+mod worker;

@@ -1,0 +1,147 @@
+//! Hands prepared records to processing: different users concurrently, the same user's
+//! records one at a time in arrival order.
+//!
+//! Guarantee: within this process, two records of one user are never processed at the
+//! same time (so the process never conflicts with itself on the Redis lock), and a
+//! record's offset is offered for storing only after its processing returned `Ok`
+//! (durable). Each record holds an in-flight permit until then, so the number of
+//! records in memory is bounded. A failed processing (database down) is retried with
+//! capped exponential backoff while the partition is still ours; once it is revoked the
+//! record is abandoned to the partition's next owner.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+
+use super::tracker::{OffsetTracker, TopicPartition};
+use crate::message::UserKey;
+use crate::pipeline::{Job, Pipeline};
+
+/// A prepared record with its in-flight permit.
+pub struct Work {
+    pub job: Job,
+    /// Held, never read: dropping it (when the record is done) frees the slot.
+    pub _permit: OwnedSemaphorePermit,
+}
+
+pub struct Dispatcher<C: ConsumerContext + 'static> {
+    pipeline: Pipeline,
+    consumer: Arc<StreamConsumer<C>>,
+    tracker: Arc<Mutex<OffsetTracker>>,
+    /// Queued records of users being processed now; a user is present while its task runs.
+    active: Mutex<HashMap<Option<UserKey>, VecDeque<Work>>>,
+    cancel: CancellationToken,
+    backoff: (Duration, Duration),
+}
+
+impl<C: ConsumerContext + 'static> Dispatcher<C> {
+    pub fn new(
+        pipeline: Pipeline,
+        consumer: Arc<StreamConsumer<C>>,
+        tracker: Arc<Mutex<OffsetTracker>>,
+        cancel: CancellationToken,
+        backoff: (Duration, Duration),
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            pipeline,
+            consumer,
+            tracker,
+            active: Mutex::new(HashMap::new()),
+            cancel,
+            backoff,
+        })
+    }
+
+    /// Queues the record behind its user's earlier ones, or starts a task for the user.
+    /// Invalid records (no user) each get a task of their own.
+    pub fn dispatch(self: &Arc<Self>, work: Work) {
+        let user = work.job.user();
+        if user.is_some() {
+            let mut active = self.active.lock().expect("dispatcher lock poisoned");
+            if let Some(queue) = active.get_mut(&user) {
+                queue.push_back(work);
+                return;
+            }
+            active.insert(user.clone(), VecDeque::new());
+        }
+        tokio::spawn(self.clone().drain(user, work));
+    }
+
+    async fn drain(self: Arc<Self>, user: Option<UserKey>, first: Work) {
+        let mut work = first;
+        loop {
+            self.run(work).await;
+            if user.is_none() {
+                return;
+            }
+            let mut active = self.active.lock().expect("dispatcher lock poisoned");
+            match active.get_mut(&user).and_then(VecDeque::pop_front) {
+                Some(next) => work = next,
+                None => {
+                    active.remove(&user);
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn run(&self, work: Work) {
+        let record = &work.job.record;
+        let tp: TopicPartition = (record.topic.clone(), record.partition);
+        let mut pause = self.backoff.0;
+        loop {
+            match self.pipeline.process(&work.job).await {
+                Ok(_) => {
+                    self.complete(&tp, record.offset);
+                    return;
+                }
+                Err(error) => {
+                    if !self.is_assigned(&tp) || self.cancel.is_cancelled() {
+                        tracing::warn!(topic = %tp.0, partition = tp.1, offset = record.offset, error = format!("{error:#}"),
+                            "processing failed; record left to redelivery");
+                        return;
+                    }
+                    tracing::warn!(topic = %tp.0, partition = tp.1, offset = record.offset, error = format!("{error:#}"),
+                        retry_in_ms = pause.as_millis() as u64, "processing failed; retrying");
+                    tokio::select! {
+                        _ = self.cancel.cancelled() => {}
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(self.backoff.1);
+                }
+            }
+        }
+    }
+
+    fn is_assigned(&self, tp: &TopicPartition) -> bool {
+        self.tracker
+            .lock()
+            .expect("tracker lock poisoned")
+            .is_assigned(tp)
+    }
+
+    /// Marks the record durable and stores the partition's new contiguous position. The
+    /// tracker lock is held across the store so a revoke cannot slip in between.
+    fn complete(&self, tp: &TopicPartition, offset: i64) {
+        let mut tracker = self.tracker.lock().expect("tracker lock poisoned");
+        let moved = tracker.complete(tp, offset);
+        metrics::gauge!("im_ingest_in_flight").set(tracker.in_flight() as f64);
+        let Some(position) = moved else {
+            return;
+        };
+        let mut tpl = TopicPartitionList::new();
+        if let Err(error) = tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(position)) {
+            tracing::error!(%error, "building the offset list failed");
+            return;
+        }
+        if let Err(error) = self.consumer.store_offsets(&tpl) {
+            // The partition was revoked meanwhile: abandoned, its next owner redelivers.
+            tracing::debug!(%error, topic = %tp.0, partition = tp.1, position, "offset not stored");
+        }
+    }
+}

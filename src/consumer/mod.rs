@@ -1,0 +1,181 @@
+//! Kafka consumer-group membership, in-flight tracking and offset storing (DESIGN.md,
+//! "Defence in depth", layer 3).
+//!
+//! Guarantee: automatic offset *storing* is off; an offset is stored only for the
+//! contiguous done prefix of its partition (see `tracker`), and librdkafka's periodic
+//! auto-commit sends only stored offsets — so a committed offset never passes a record
+//! whose effect is not durable. On revoke, the revoked partitions' in-flight records
+//! are abandoned to the next owner and the stored offsets are committed synchronously.
+//! At shutdown, fetching stops, in-flight work gets up to the deadline to finish, and the
+//! stored offsets are committed synchronously. Assignment is cooperative-sticky.
+//!
+//! Limit (until the failure-handling work): when `worker.max_in_flight` records are
+//! stuck (e.g. the database is down for minutes), the loop stops calling `recv()` and
+//! the group may evict this member after `max.poll.interval.ms`; nothing is lost, the
+//! partitions move to another member.
+
+mod dispatch;
+mod topics;
+pub mod tracker;
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::{ClientContext, TopicPartitionList};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+pub use topics::{ensure_topics, worker_topics};
+
+use crate::config::Settings;
+use crate::pipeline::{Pipeline, Record};
+use dispatch::{Dispatcher, Work};
+use tracker::{OffsetTracker, TopicPartition};
+
+/// Rebalance hooks: the revoke side of in-flight tracking.
+pub struct WorkerContext {
+    tracker: Arc<Mutex<OffsetTracker>>,
+}
+
+impl ClientContext for WorkerContext {}
+
+impl ConsumerContext for WorkerContext {
+    /// Runs inside `recv()`: it must not wait for our own tasks. Revoked partitions'
+    /// in-flight records are abandoned (their offsets never stored), then what is stored
+    /// is committed so the next owner starts exactly after the durable prefix.
+    fn pre_rebalance(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                let revoked = partitions_of(tpl);
+                let abandoned = self
+                    .tracker
+                    .lock()
+                    .expect("tracker lock poisoned")
+                    .revoke(&revoked);
+                tracing::info!(partitions = ?revoked, abandoned, "partitions revoked");
+                if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
+                    // NoOffset (nothing stored since the last commit) is the common case.
+                    tracing::debug!(%error, "commit on revoke");
+                }
+            }
+            Rebalance::Assign(tpl) => {
+                tracing::info!(partitions = ?partitions_of(tpl), "partitions assigned");
+            }
+            Rebalance::Error(error) => tracing::warn!(%error, "rebalance error"),
+        }
+    }
+}
+
+fn partitions_of(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect()
+}
+
+/// Consumes `topics` in the configured group until `shutdown` completes.
+pub async fn run(
+    settings: &Settings,
+    topics: &[String],
+    pipeline: Pipeline,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
+    let mut config = settings.kafka.client_config();
+    config
+        .set("group.id", &settings.kafka.group_id)
+        .set("enable.auto.offset.store", "false")
+        .set("enable.auto.commit", "true")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "cooperative-sticky");
+    // The raw passthrough map wins over our defaults too.
+    for (key, value) in &settings.kafka.librdkafka {
+        config.set(key, value);
+    }
+    let consumer: Arc<StreamConsumer<WorkerContext>> = Arc::new(
+        config
+            .create_with_context(WorkerContext {
+                tracker: tracker.clone(),
+            })
+            .context("creating the Kafka consumer")?,
+    );
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&names)
+        .with_context(|| format!("subscribing to {names:?}"))?;
+    tracing::info!(topics = ?names, group = %settings.kafka.group_id, "consuming");
+
+    let max_in_flight = settings.worker.max_in_flight;
+    let permits = Arc::new(Semaphore::new(max_in_flight));
+    let cancel = CancellationToken::new();
+    let backoff = (
+        Duration::from_millis(settings.worker.db_retry_initial_ms),
+        Duration::from_millis(settings.worker.db_retry_max_ms),
+    );
+    let dispatcher = Dispatcher::new(
+        pipeline.clone(),
+        consumer.clone(),
+        tracker.clone(),
+        cancel.clone(),
+        backoff,
+    );
+
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            permit = permits.clone().acquire_owned() => permit.context("in-flight semaphore closed")?,
+        };
+        let message = tokio::select! {
+            _ = &mut shutdown => break,
+            message = consumer.recv() => message,
+        };
+        let message = match message {
+            Ok(message) => message,
+            Err(error) => {
+                tracing::warn!(%error, "Kafka consumer error");
+                continue;
+            }
+        };
+        let record = Record::from_message(&message);
+        drop(message);
+        {
+            let mut tracker = tracker.lock().expect("tracker lock poisoned");
+            tracker.begin(&(record.topic.clone(), record.partition), record.offset);
+            metrics::gauge!("im_ingest_in_flight").set(tracker.in_flight() as f64);
+        }
+        dispatcher.dispatch(Work {
+            job: pipeline.prepare(record),
+            _permit: permit,
+        });
+    }
+
+    let deadline = Duration::from_millis(settings.worker.shutdown_deadline_ms);
+    tracing::info!(
+        deadline_ms = deadline.as_millis() as u64,
+        "shutting down: finishing in-flight records"
+    );
+    let all = u32::try_from(max_in_flight).unwrap_or(u32::MAX);
+    let drained = tokio::time::timeout(deadline, permits.acquire_many(all)).await;
+    cancel.cancel();
+    if drained.is_err() {
+        let left = tracker.lock().expect("tracker lock poisoned").in_flight();
+        tracing::warn!(
+            left,
+            "shutdown deadline reached; unfinished records will be redelivered"
+        );
+    }
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) => tracing::info!("offsets committed"),
+        Err(error) => tracing::debug!(%error, "final commit"),
+    }
+    consumer.unsubscribe();
+    Ok(())
+}

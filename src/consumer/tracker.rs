@@ -1,0 +1,154 @@
+//! Per-partition in-flight tracking: which offsets were received and are not yet
+//! durable, and so how far the partition's offset may be stored.
+//!
+//! Guarantee: the position offered for storing is always the contiguous done prefix —
+//! the lowest offset still in flight, or one past the highest received when none is —
+//! so a stored offset never passes a record whose effect is not durable. Partitions are
+//! forgotten on revoke; completions that arrive for them afterwards are ignored
+//! (abandoned: the next owner redelivers them, and the writes are idempotent).
+
+use std::collections::{BTreeSet, HashMap};
+
+/// (topic, partition)
+pub type TopicPartition = (String, i32);
+
+#[derive(Debug, Default)]
+struct PartitionState {
+    in_flight: BTreeSet<i64>,
+    /// One past the highest offset received.
+    received_up_to: i64,
+    /// The last position offered for storing.
+    stored: Option<i64>,
+}
+
+impl PartitionState {
+    fn position(&self) -> i64 {
+        self.in_flight
+            .first()
+            .copied()
+            .unwrap_or(self.received_up_to)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct OffsetTracker {
+    partitions: HashMap<TopicPartition, PartitionState>,
+}
+
+impl OffsetTracker {
+    /// A record was received and is now in flight.
+    pub fn begin(&mut self, tp: &TopicPartition, offset: i64) {
+        // The first record's offset is where this assignment started: nothing before it
+        // needs storing.
+        let state = self
+            .partitions
+            .entry(tp.clone())
+            .or_insert_with(|| PartitionState {
+                stored: Some(offset),
+                ..PartitionState::default()
+            });
+        state.in_flight.insert(offset);
+        state.received_up_to = state.received_up_to.max(offset + 1);
+    }
+
+    /// A record's effect is durable. Returns the new position to store when it moved.
+    pub fn complete(&mut self, tp: &TopicPartition, offset: i64) -> Option<i64> {
+        let state = self.partitions.get_mut(tp)?;
+        if !state.in_flight.remove(&offset) {
+            return None;
+        }
+        let position = state.position();
+        if state.stored.is_some_and(|stored| stored >= position) {
+            return None;
+        }
+        state.stored = Some(position);
+        Some(position)
+    }
+
+    /// Forgets the partitions (revoked); returns how many records were in flight there.
+    pub fn revoke(&mut self, tps: &[TopicPartition]) -> usize {
+        tps.iter()
+            .filter_map(|tp| self.partitions.remove(tp))
+            .map(|state| state.in_flight.len())
+            .sum()
+    }
+
+    pub fn is_assigned(&self, tp: &TopicPartition) -> bool {
+        self.partitions.contains_key(tp)
+    }
+
+    /// Records in flight across all partitions.
+    pub fn in_flight(&self) -> usize {
+        self.partitions.values().map(|s| s.in_flight.len()).sum()
+    }
+
+    /// The lowest offset in flight of a partition, if any.
+    pub fn oldest_in_flight(&self, tp: &TopicPartition) -> Option<i64> {
+        self.partitions.get(tp)?.in_flight.first().copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tp(p: i32) -> TopicPartition {
+        ("t".to_string(), p)
+    }
+
+    #[test]
+    fn position_never_passes_an_offset_still_in_flight() {
+        let mut t = OffsetTracker::default();
+        for offset in 10..15 {
+            t.begin(&tp(0), offset);
+        }
+        // 11..14 finish first: 10 still in flight, so nothing may be stored.
+        for offset in [11, 12, 14, 13] {
+            assert_eq!(t.complete(&tp(0), offset), None);
+        }
+        assert_eq!(t.complete(&tp(0), 10), Some(15));
+        assert_eq!(t.in_flight(), 0);
+    }
+
+    #[test]
+    fn position_moves_to_the_next_gap() {
+        let mut t = OffsetTracker::default();
+        for offset in [0, 1, 2] {
+            t.begin(&tp(0), offset);
+        }
+        assert_eq!(t.complete(&tp(0), 0), Some(1));
+        assert_eq!(t.complete(&tp(0), 2), None);
+        assert_eq!(t.oldest_in_flight(&tp(0)), Some(1));
+        assert_eq!(t.complete(&tp(0), 1), Some(3));
+    }
+
+    #[test]
+    fn partitions_are_independent() {
+        let mut t = OffsetTracker::default();
+        t.begin(&tp(0), 5);
+        t.begin(&tp(1), 7);
+        assert_eq!(t.complete(&tp(1), 7), Some(8));
+        assert_eq!(t.oldest_in_flight(&tp(0)), Some(5));
+    }
+
+    #[test]
+    fn completions_after_revoke_are_ignored() {
+        let mut t = OffsetTracker::default();
+        t.begin(&tp(0), 1);
+        t.begin(&tp(0), 2);
+        assert_eq!(t.revoke(&[tp(0)]), 2);
+        assert!(!t.is_assigned(&tp(0)));
+        assert_eq!(t.complete(&tp(0), 1), None);
+    }
+
+    #[test]
+    fn a_completion_twice_or_unknown_offset_changes_nothing() {
+        let mut t = OffsetTracker::default();
+        t.begin(&tp(0), 1);
+        t.begin(&tp(0), 2);
+        assert_eq!(t.complete(&tp(0), 1), Some(2));
+        assert_eq!(t.complete(&tp(0), 1), None);
+        assert_eq!(t.complete(&tp(0), 99), None);
+        assert_eq!(t.oldest_in_flight(&tp(0)), Some(2));
+    }
+}

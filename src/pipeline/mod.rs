@@ -1,0 +1,273 @@
+//! One record (or a batch of them) from decoded to durable: lock → write → release →
+//! outcome (DESIGN.md, "Flow").
+//!
+//! Guarantee: when [`Pipeline::process`] returns `Ok`, the record's effect is durable —
+//! its rows committed, or the record acknowledged by the delay or dead-letter topic — so
+//! its offset may be stored. An `Err` means nothing about the record is settled and it
+//! must be processed again (the writes are idempotent, so "again" is always safe). Bad
+//! input is dead-lettered, never retried; a lock held elsewhere sends the record to a
+//! delay topic instead of waiting; a Redis that fails is bypassed (degraded mode) because
+//! the unique indexes alone already prevent duplicates.
+
+mod record;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::MySqlPool;
+
+pub use record::{now_millis, Job, Record};
+
+use crate::lock::{Acquire, LockClient};
+use crate::message::{ChatMessage, Inbound, UserKey, INVALID_MESSAGE_FQCN};
+use crate::retry::headers::RetryHeaders;
+use crate::retry::policy::{NextStep, RetryPolicy};
+use crate::retry::publish::Publisher;
+use crate::store::{write_message, Provenance, WriteOutcome};
+
+/// Error class of records whose user lock stayed held through every attempt.
+pub const LOCK_HELD_FQCN: &str = "im_ingest::LockHeld";
+
+/// What processing one record did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Stored,
+    Duplicate,
+    /// A read receipt, acknowledged (its effect on unread state comes with that feature).
+    ReadReceipt,
+    /// Republished to a delay topic because the user's lock was held elsewhere.
+    Delayed {
+        topic: String,
+    },
+    /// Published to the dead-letter topic.
+    DeadLettered {
+        reason: String,
+    },
+}
+
+impl Outcome {
+    /// The `outcome` label of `im_ingest_records_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Stored => "stored",
+            Outcome::Duplicate => "duplicate",
+            Outcome::ReadReceipt => "read_receipt",
+            Outcome::Delayed { .. } => "retried",
+            Outcome::DeadLettered { .. } => "dead_lettered",
+        }
+    }
+}
+
+/// Everything the processing step needs; cheap to clone (handles only).
+#[derive(Clone)]
+pub struct Pipeline {
+    pub pool: MySqlPool,
+    pub locks: LockClient,
+    pub publisher: Publisher,
+    pub policy: RetryPolicy,
+    pub retry_topic_prefix: String,
+    pub dlq_topic: String,
+    pub consumer_group: String,
+    pub max_message_bytes: usize,
+    degraded: Arc<AtomicBool>,
+}
+
+impl Pipeline {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        pool: MySqlPool,
+        locks: LockClient,
+        publisher: Publisher,
+        policy: RetryPolicy,
+        retry_topic_prefix: String,
+        dlq_topic: String,
+        consumer_group: String,
+        max_message_bytes: usize,
+    ) -> Self {
+        Self {
+            pool,
+            locks,
+            publisher,
+            policy,
+            retry_topic_prefix,
+            dlq_topic,
+            consumer_group,
+            max_message_bytes,
+            degraded: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    pub fn prepare(&self, record: Record) -> Job {
+        Job::prepare(record, self.max_message_bytes, &self.consumer_group)
+    }
+
+    /// Processes a batch: users concurrently, each user's records one at a time in
+    /// batch order. Returns one outcome per record, in input order; stops at the first
+    /// error (see the module guarantee).
+    pub async fn process_batch(&self, records: Vec<Record>) -> anyhow::Result<Vec<Outcome>> {
+        let mut by_user: HashMap<Option<UserKey>, Vec<(usize, Job)>> = HashMap::new();
+        let count = records.len();
+        for (index, record) in records.into_iter().enumerate() {
+            let job = self.prepare(record);
+            by_user.entry(job.user()).or_default().push((index, job));
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for (_, jobs) in by_user {
+            let pipeline = self.clone();
+            tasks.spawn(async move {
+                let mut done = Vec::with_capacity(jobs.len());
+                for (index, job) in jobs {
+                    done.push((index, pipeline.process(&job).await?));
+                }
+                anyhow::Ok(done)
+            });
+        }
+        let mut outcomes = vec![None; count];
+        while let Some(result) = tasks.join_next().await {
+            for (index, outcome) in result.context("a processing task panicked")?? {
+                outcomes[index] = Some(outcome);
+            }
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.expect("every record has an outcome"))
+            .collect())
+    }
+
+    /// Processes one prepared record; see the module guarantee.
+    #[tracing::instrument(skip_all, fields(topic = %job.record.topic, partition = job.record.partition, offset = job.record.offset))]
+    pub async fn process(&self, job: &Job) -> anyhow::Result<Outcome> {
+        let outcome = match &job.content {
+            Err(invalid) => {
+                tracing::warn!(reason = %invalid, "invalid record, dead-lettering it");
+                self.dead_letter(job, INVALID_MESSAGE_FQCN, &invalid.0)
+                    .await?
+            }
+            Ok(Inbound::Read(_)) => Outcome::ReadReceipt,
+            Ok(Inbound::Message(message)) => self.store_under_lock(job, message).await?,
+        };
+        metrics::counter!("im_ingest_records_total", "outcome" => outcome.label()).increment(1);
+        Ok(outcome)
+    }
+
+    async fn store_under_lock(&self, job: &Job, message: &ChatMessage) -> anyhow::Result<Outcome> {
+        match self.locks.acquire(&message.user()).await {
+            Ok(Acquire::Acquired(guard)) => {
+                self.set_degraded(false, None);
+                let written = self.write(job, message).await;
+                if let Err(error) = guard.release().await {
+                    // The lease expires by itself; the data is already safe either way.
+                    tracing::warn!(%error, "releasing the user lock failed");
+                }
+                written
+            }
+            Ok(Acquire::HeldElsewhere { remaining }) => {
+                self.set_degraded(false, None);
+                self.retry_later(job, remaining).await
+            }
+            Err(error) => {
+                self.set_degraded(true, Some(&error));
+                self.write(job, message).await
+            }
+        }
+    }
+
+    async fn write(&self, job: &Job, message: &ChatMessage) -> anyhow::Result<Outcome> {
+        let provenance = Provenance {
+            topic: job.origin.topic.clone(),
+            partition: job.origin.partition,
+            offset: job.origin.offset,
+        };
+        let outcome = write_message(&self.pool, message, &provenance)
+            .await
+            .context("writing the message to the database")?;
+        Ok(match outcome {
+            WriteOutcome::Stored => Outcome::Stored,
+            WriteOutcome::Duplicate => Outcome::Duplicate,
+        })
+    }
+
+    /// The lock is held elsewhere: to the next delay topic, or to the dead-letter topic
+    /// once the attempts are used up. Never a sleep.
+    async fn retry_later(&self, job: &Job, remaining: Option<Duration>) -> anyhow::Result<Outcome> {
+        match self
+            .policy
+            .next(job.attempts, remaining, rand::random::<f64>())
+        {
+            NextStep::Delay {
+                delay,
+                attempts,
+                wait,
+            } => {
+                let topic = RetryPolicy::topic_for(&self.retry_topic_prefix, delay);
+                let headers = self.headers(
+                    job,
+                    attempts,
+                    now_millis() + wait.as_millis() as i64,
+                    LOCK_HELD_FQCN,
+                    "user lock held elsewhere",
+                );
+                self.publisher
+                    .publish(&topic, &job.record, &headers)
+                    .await?;
+                metrics::counter!("im_ingest_retries_total", "attempt" => attempts.to_string())
+                    .increment(1);
+                Ok(Outcome::Delayed { topic })
+            }
+            NextStep::DeadLetter { attempts } => {
+                let reason = format!("user lock held elsewhere through {attempts} attempts");
+                let headers = self.headers(job, attempts, now_millis(), LOCK_HELD_FQCN, &reason);
+                self.publisher
+                    .publish(&self.dlq_topic, &job.record, &headers)
+                    .await?;
+                Ok(Outcome::DeadLettered { reason })
+            }
+        }
+    }
+
+    async fn dead_letter(&self, job: &Job, fqcn: &str, reason: &str) -> anyhow::Result<Outcome> {
+        let headers = self.headers(job, job.attempts, now_millis(), fqcn, reason);
+        self.publisher
+            .publish(&self.dlq_topic, &job.record, &headers)
+            .await?;
+        metrics::counter!("im_ingest_dead_letters_total", "reason" => fqcn.to_string())
+            .increment(1);
+        Ok(Outcome::DeadLettered {
+            reason: reason.to_string(),
+        })
+    }
+
+    fn headers(
+        &self,
+        job: &Job,
+        attempts: u32,
+        due_at: i64,
+        fqcn: &str,
+        message: &str,
+    ) -> RetryHeaders {
+        RetryHeaders {
+            attempts: i64::from(attempts),
+            backoff_timestamp: due_at,
+            origin: job.origin.clone(),
+            exception_fqcn: fqcn.to_string(),
+            exception_message: message.to_string(),
+        }
+    }
+
+    /// Degraded mode: Redis failed, so records are written under the unique indexes
+    /// alone. Warned once per episode and gauged.
+    fn set_degraded(&self, degraded: bool, error: Option<&redis::RedisError>) {
+        if self.degraded.swap(degraded, Ordering::Relaxed) != degraded {
+            metrics::gauge!("im_ingest_redis_degraded").set(if degraded { 1.0 } else { 0.0 });
+            match error {
+                Some(error) => {
+                    tracing::warn!(%error, "Redis unavailable: degraded mode, writing without the user lock")
+                }
+                None => tracing::info!("Redis available again: locking resumed"),
+            }
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! An owned copy of a consumed record and what the pipeline reads from it before any
+//! I/O: its decoded content and its retry state.
+//!
+//! Guarantee: preparing a record never fails and never loses it: whatever is wrong with
+//! it becomes a reason to dead-letter, carried with the record.
+
+use rdkafka::message::{BorrowedMessage, Headers, Message, OwnedHeaders};
+
+use crate::message::{decode, Inbound, InvalidMessage, UserKey};
+use crate::retry::headers::{Origin, RetryHeaders};
+
+/// One consumed record, detached from the consumer so it can outlive the poll.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    /// Epoch ms, when the broker gave one.
+    pub timestamp: Option<i64>,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Option<OwnedHeaders>,
+}
+
+impl Record {
+    pub fn from_message(message: &BorrowedMessage<'_>) -> Self {
+        Self {
+            topic: message.topic().to_string(),
+            partition: message.partition(),
+            offset: message.offset(),
+            timestamp: message.timestamp().to_millis(),
+            key: message.key().map(<[u8]>::to_vec),
+            value: message.payload().map(<[u8]>::to_vec),
+            headers: message.headers().map(|h| h.detach()),
+        }
+    }
+}
+
+/// A record ready for the processing step.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub record: Record,
+    pub content: Result<Inbound, InvalidMessage>,
+    /// The main-topic record this one stems from (itself, on the main topic).
+    pub origin: Origin,
+    /// Deliveries so far, this one included (1 on the main topic).
+    pub attempts: u32,
+    /// The due time of a delay record, epoch ms.
+    pub due_at: Option<i64>,
+}
+
+impl Job {
+    /// Decodes the value and reads the retry headers. Malformed retry headers make the
+    /// record invalid (it is dead-lettered, never retried).
+    pub fn prepare(record: Record, max_bytes: usize, consumer_group: &str) -> Self {
+        let own_origin = Origin {
+            topic: record.topic.clone(),
+            partition: record.partition,
+            offset: record.offset,
+            timestamp: record.timestamp.unwrap_or_else(now_millis),
+            consumer_group: consumer_group.to_string(),
+        };
+        let retry = match &record.headers {
+            Some(headers) if headers.count() > 0 => RetryHeaders::from_headers(headers),
+            _ => Ok(None),
+        };
+        let (origin, attempts, due_at, header_error) = match retry {
+            Ok(Some(h)) => (
+                h.origin,
+                u32::try_from(h.attempts.max(1)).unwrap_or(u32::MAX),
+                Some(h.backoff_timestamp),
+                None,
+            ),
+            Ok(None) => (own_origin, 1, None, None),
+            Err(reason) => (own_origin, 1, None, Some(reason)),
+        };
+        let content = match header_error {
+            Some(reason) => Err(InvalidMessage(format!("malformed retry headers: {reason}"))),
+            None => decode(record.value.as_deref(), max_bytes),
+        };
+        Self {
+            record,
+            content,
+            origin,
+            attempts,
+            due_at,
+        }
+    }
+
+    /// The user whose records must be processed one at a time; `None` for invalid
+    /// records, which touch no user's data.
+    pub fn user(&self) -> Option<UserKey> {
+        self.content.as_ref().ok().map(Inbound::user)
+    }
+}
+
+pub fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

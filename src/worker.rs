@@ -1,0 +1,86 @@
+//! `im-ingest run`: wires the parts together and runs the consumer until shutdown.
+//!
+//! Guarantee: start-up fails fast with a clear cause (database unreachable, topics not
+//! creatable) before any record is consumed; the schema is migrated first when
+//! `database.migrate_on_start` is set.
+
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::Context;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::config::Settings;
+use crate::consumer;
+use crate::lock::LockClient;
+use crate::pipeline::Pipeline;
+use crate::retry::policy::RetryPolicy;
+use crate::retry::publish::Publisher;
+use crate::store;
+
+/// Builds the processing step from the settings (database pool, lock client, producer).
+pub async fn build_pipeline(settings: &Settings) -> anyhow::Result<Pipeline> {
+    let pool = store::connect(&settings.database).await?;
+    let locks = LockClient::new(
+        &settings.redis,
+        Duration::from_millis(settings.lock.lease_ms),
+    )?;
+    let publisher = Publisher::new(&settings.kafka)?;
+    Ok(Pipeline::new(
+        pool,
+        locks,
+        publisher,
+        RetryPolicy::from_settings(&settings.retry),
+        settings.kafka.retry_topic.clone(),
+        settings.kafka.dlq_topic.clone(),
+        settings.kafka.group_id.clone(),
+        settings.worker.max_message_bytes,
+    ))
+}
+
+/// Installs the process-wide metrics registry (Prometheus format). Idempotent: a second
+/// call (tests) returns `None` and the first registry stays.
+pub fn install_metrics() -> Option<PrometheusHandle> {
+    PrometheusBuilder::new().install_recorder().ok()
+}
+
+/// Runs the worker until `shutdown` completes.
+pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    install_metrics();
+    if settings.database.migrate_on_start {
+        store::migrate(&settings.database).await?;
+    }
+    consumer::ensure_topics(settings)
+        .await
+        .context("making sure the topics exist")?;
+    let pipeline = build_pipeline(settings).await?;
+    let topics = vec![settings.kafka.inbound_topic.clone()];
+    consumer::run(settings, &topics, pipeline, shutdown).await
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = match tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::terminate(),
+        ) {
+            Ok(signal) => signal,
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only SIGINT stops the worker");
+                let _ = interrupt.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+    tracing::info!("shutdown requested");
+}

@@ -1,0 +1,206 @@
+//! The processing step driven directly (no background loop): duplicates, case-distinct
+//! ids, a lock held elsewhere, and bad input.
+
+use std::time::Duration;
+
+use im_ingest::consumer::ensure_topics;
+use im_ingest::pipeline::{Outcome, Pipeline, Record};
+use im_ingest::retry::headers::RetryHeaders;
+use im_ingest::worker::build_pipeline;
+use redis::AsyncCommands;
+use sqlx::MySqlPool;
+
+use crate::helpers::{redis_url, unique, WorkerEnv};
+use crate::kafka_util::{header, read_all};
+
+pub fn payload(customer: &str, message_id: &str) -> String {
+    serde_json::json!({
+        "message_id": message_id,
+        "from_user_id": customer,
+        "to_user_id": "575d2c135e87e733f0162b88",
+        "message_type": "TEXT",
+        "message_source": 2,
+        "content": format!("hello from {message_id}"),
+        "timestamp": "1723268668573",
+        "user_info": [{"header_image": "a.jpg", "nickname": "Ann", "user_id": customer}]
+    })
+    .to_string()
+}
+
+fn record(topic: &str, offset: i64, value: &str) -> Record {
+    Record {
+        topic: topic.to_string(),
+        partition: 0,
+        offset,
+        timestamp: Some(1_723_268_668_600),
+        key: Some(b"random-key".to_vec()),
+        value: Some(value.as_bytes().to_vec()),
+        headers: None,
+    }
+}
+
+async fn setup() -> (WorkerEnv, Pipeline, MySqlPool) {
+    let env = WorkerEnv::new(1);
+    let settings = env.settings();
+    im_ingest::store::migrate(&settings.database).await.unwrap();
+    ensure_topics(&settings).await.unwrap();
+    let pipeline = build_pipeline(&settings).await.unwrap();
+    let pool = pipeline.pool.clone();
+    (env, pipeline, pool)
+}
+
+async fn count(pool: &MySqlPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+#[tokio::test]
+async fn same_message_delivered_five_times_is_one_row_one_stored_four_duplicates() {
+    let (env, pipeline, pool) = setup().await;
+    let value = payload(&unique("c"), "m-1");
+    let records = (0..5).map(|o| record(&env.inbound, o, &value)).collect();
+    let outcomes = pipeline.process_batch(records).await.unwrap();
+    assert_eq!(outcomes[0], Outcome::Stored);
+    assert_eq!(
+        &outcomes[1..],
+        [
+            Outcome::Duplicate,
+            Outcome::Duplicate,
+            Outcome::Duplicate,
+            Outcome::Duplicate
+        ]
+    );
+    assert_eq!(count(&pool, "SELECT COUNT(*) FROM message").await, 1);
+    assert_eq!(count(&pool, "SELECT COUNT(*) FROM customer").await, 1);
+    pool.close().await;
+    env.drop_database().await;
+}
+
+#[tokio::test]
+async fn ids_differing_only_in_case_are_different_messages() {
+    let (env, pipeline, pool) = setup().await;
+    let customer = unique("c");
+    let records = vec![
+        record(&env.inbound, 0, &payload(&customer, "MsgA")),
+        record(&env.inbound, 1, &payload(&customer, "msga")),
+        record(&env.inbound, 2, &payload(&customer.to_uppercase(), "MsgC")),
+    ];
+    let outcomes = pipeline.process_batch(records).await.unwrap();
+    assert_eq!(
+        outcomes,
+        [Outcome::Stored, Outcome::Stored, Outcome::Stored]
+    );
+    assert_eq!(count(&pool, "SELECT COUNT(*) FROM message").await, 3);
+    assert_eq!(count(&pool, "SELECT COUNT(*) FROM customer").await, 2);
+    pool.close().await;
+    env.drop_database().await;
+}
+
+#[tokio::test]
+async fn record_whose_lock_is_held_elsewhere_goes_once_to_the_first_delay_topic() {
+    let (env, pipeline, pool) = setup().await;
+    let locked = unique("locked");
+    let free = unique("free");
+    let mut redis = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = format!("im:lock:{{default:2:{locked}}}");
+    let _: () = redis.set_ex(&key, "outsider", 30).await.unwrap();
+
+    let value = payload(&locked, "held-1");
+    let outcomes = pipeline
+        .process_batch(vec![
+            record(&env.inbound, 7, &value),
+            record(&env.inbound, 8, &payload(&free, "free-1")),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes[0],
+        Outcome::Delayed {
+            topic: env.first_delay_topic()
+        }
+    );
+    assert_eq!(outcomes[1], Outcome::Stored);
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT COUNT(*) FROM message WHERE external_message_id = 'held-1'"
+        )
+        .await,
+        0,
+        "a record whose lock is held must not be stored"
+    );
+
+    let delayed = read_all(&env.first_delay_topic());
+    assert_eq!(delayed.len(), 1);
+    let message = &delayed[0];
+    use rdkafka::Message;
+    assert_eq!(message.payload(), Some(value.as_bytes()));
+    assert_eq!(message.key(), Some(&b"random-key"[..]));
+    let headers = RetryHeaders::from_headers(message.headers().unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(headers.attempts, 2);
+    assert_eq!(headers.origin.topic, env.inbound);
+    assert_eq!(headers.origin.partition, 0);
+    assert_eq!(headers.origin.offset, 7);
+    assert_eq!(headers.origin.timestamp, 1_723_268_668_600);
+    assert_eq!(headers.origin.consumer_group, env.group);
+    assert_eq!(headers.exception_fqcn, "im_ingest::LockHeld");
+    assert_eq!(header(message, "retry_topic-attempts"), Some(&[2u8][..]));
+    let now = im_ingest::pipeline::now_millis();
+    assert!(
+        headers.backoff_timestamp > now - 5_000 && headers.backoff_timestamp <= now + 300,
+        "due time {} should be about 250-300 ms after publishing (now {now})",
+        headers.backoff_timestamp
+    );
+    let _: () = redis.del(&key).await.unwrap();
+    pool.close().await;
+    env.drop_database().await;
+}
+
+#[tokio::test]
+async fn due_time_is_shortened_to_a_short_remaining_lock_ttl() {
+    let (env, pipeline, pool) = setup().await;
+    let locked = unique("locked");
+    let mut redis = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = format!("im:lock:{{default:2:{locked}}}");
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg("x")
+        .arg("PX")
+        .arg(60)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let before = im_ingest::pipeline::now_millis();
+    let outcome = pipeline
+        .process_batch(vec![record(&env.inbound, 0, &payload(&locked, "m"))])
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome,
+        [Outcome::Delayed {
+            topic: env.first_delay_topic()
+        }]
+    );
+    let delayed = read_all(&env.first_delay_topic());
+    use rdkafka::Message;
+    let headers = RetryHeaders::from_headers(delayed[0].headers().unwrap())
+        .unwrap()
+        .unwrap();
+    let wait = headers.backoff_timestamp - before;
+    assert!(
+        wait < 250,
+        "due in {wait} ms: a 60 ms lock TTL should shorten the 250 ms delay"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    pool.close().await;
+    env.drop_database().await;
+}

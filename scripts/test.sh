@@ -16,4 +16,4 @@ cargo clippy --locked --all-targets -- -D warnings
 echo "== docker-compose.yml"
 docker-compose -f docker-compose.yml config -q
 echo "== cargo test"
-cargo test --locked --all-targets "$@"
+cargo test --locked --lib --tests "$@"

@@ -227,3 +227,41 @@ impl WorkerEnv {
         .await;
     }
 }
+
+pub async fn redis_connection() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// A user lock held by "another process": the key written as the public contract names
+/// it (`im:lock:{tenant:platform:user}`, for tenant `default` and platform `2`).
+pub struct OutsideLock {
+    pub key: String,
+    redis: redis::aio::MultiplexedConnection,
+}
+
+impl OutsideLock {
+    /// Holds the lock of `user` for `ttl` (`None`: no TTL, held until released).
+    pub async fn hold(user: &str, ttl: Option<std::time::Duration>) -> Self {
+        let mut redis = redis_connection().await;
+        let key = format!("im:lock:{{default:2:{user}}}");
+        let mut set = redis::cmd("SET");
+        set.arg(&key).arg("outsider");
+        if let Some(ttl) = ttl {
+            set.arg("PX").arg(ttl.as_millis() as u64);
+        }
+        let _: () = set.query_async(&mut redis).await.unwrap();
+        Self { key, redis }
+    }
+
+    pub async fn release(mut self) {
+        let _: () = redis::cmd("DEL")
+            .arg(&self.key)
+            .query_async(&mut self.redis)
+            .await
+            .unwrap();
+    }
+}

@@ -9,7 +9,7 @@ use im_ingest::message::UserKey;
 use im_ingest::secret::SecretUrl;
 use redis::AsyncCommands;
 
-use crate::helpers::{redis_url, unique};
+use crate::helpers::{redis_connection, redis_url, unique};
 
 fn client(lease: Duration) -> LockClient {
     let settings = RedisSettings {
@@ -28,11 +28,7 @@ fn user() -> UserKey {
 }
 
 async fn raw() -> redis::aio::MultiplexedConnection {
-    redis::Client::open(redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
+    redis_connection().await
 }
 
 async fn acquired(client: &LockClient, user: &UserKey) -> LockGuard {

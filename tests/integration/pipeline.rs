@@ -7,10 +7,9 @@ use im_ingest::consumer::ensure_topics;
 use im_ingest::pipeline::{Outcome, Pipeline, Record};
 use im_ingest::retry::headers::RetryHeaders;
 use im_ingest::worker::build_pipeline;
-use redis::AsyncCommands;
 use sqlx::MySqlPool;
 
-use crate::helpers::{redis_url, unique, WorkerEnv};
+use crate::helpers::{unique, OutsideLock, WorkerEnv};
 use crate::kafka_util::{header, read_all};
 
 pub fn payload(customer: &str, message_id: &str) -> String {
@@ -40,8 +39,13 @@ fn record(topic: &str, offset: i64, value: &str) -> Record {
 }
 
 async fn setup() -> (WorkerEnv, Pipeline, MySqlPool) {
+    setup_with_delays(&[250, 1000, 4000, 16000]).await
+}
+
+async fn setup_with_delays(delays_ms: &[u64]) -> (WorkerEnv, Pipeline, MySqlPool) {
     let env = WorkerEnv::new(1);
-    let settings = env.settings();
+    let mut settings = env.settings();
+    settings.retry.delays_ms = delays_ms.to_vec();
     im_ingest::store::migrate(&settings.database).await.unwrap();
     ensure_topics(&settings).await.unwrap();
     let pipeline = build_pipeline(&settings).await.unwrap();
@@ -100,13 +104,7 @@ async fn record_whose_lock_is_held_elsewhere_goes_once_to_the_first_delay_topic(
     let (env, pipeline, pool) = setup().await;
     let locked = unique("locked");
     let free = unique("free");
-    let mut redis = redis::Client::open(redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let key = format!("im:lock:{{default:2:{locked}}}");
-    let _: () = redis.set_ex(&key, "outsider", 30).await.unwrap();
+    let outside = OutsideLock::hold(&locked, Some(Duration::from_secs(30))).await;
 
     let value = payload(&locked, "held-1");
     let outcomes = pipeline
@@ -156,51 +154,41 @@ async fn record_whose_lock_is_held_elsewhere_goes_once_to_the_first_delay_topic(
         "due time {} should be about 250-300 ms after publishing (now {now})",
         headers.backoff_timestamp
     );
-    let _: () = redis.del(&key).await.unwrap();
+    outside.release().await;
     pool.close().await;
     env.drop_database().await;
 }
 
 #[tokio::test]
 async fn due_time_is_shortened_to_a_short_remaining_lock_ttl() {
-    let (env, pipeline, pool) = setup().await;
+    // A 5 s delay and a lock with 1 s left: the record should be due in about 1 s.
+    let (env, pipeline, pool) = setup_with_delays(&[5_000]).await;
+    let delay_topic = format!("{}-5000", env.retry_prefix);
     let locked = unique("locked");
-    let mut redis = redis::Client::open(redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let key = format!("im:lock:{{default:2:{locked}}}");
-    let _: () = redis::cmd("SET")
-        .arg(&key)
-        .arg("x")
-        .arg("PX")
-        .arg(60)
-        .query_async(&mut redis)
-        .await
-        .unwrap();
+    let outside = OutsideLock::hold(&locked, Some(Duration::from_secs(1))).await;
     let before = im_ingest::pipeline::now_millis();
     let outcome = pipeline
         .process_batch(vec![record(&env.inbound, 0, &payload(&locked, "m"))])
         .await
         .unwrap();
+    let after = im_ingest::pipeline::now_millis();
     assert_eq!(
         outcome,
         [Outcome::Delayed {
-            topic: env.first_delay_topic()
+            topic: delay_topic.clone()
         }]
     );
-    let delayed = read_all(&env.first_delay_topic());
+    let delayed = read_all(&delay_topic);
     use rdkafka::Message;
     let headers = RetryHeaders::from_headers(delayed[0].headers().unwrap())
         .unwrap()
         .unwrap();
-    let wait = headers.backoff_timestamp - before;
+    let due = headers.backoff_timestamp;
     assert!(
-        wait < 250,
-        "due in {wait} ms: a 60 ms lock TTL should shorten the 250 ms delay"
+        due >= before + 900 && due <= after + 1_000 + 25,
+        "due at {due}, expected about 1 s after {before}..{after}"
     );
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    outside.release().await;
     pool.close().await;
     env.drop_database().await;
 }

@@ -7,11 +7,10 @@ use std::time::Duration;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::Message;
-use redis::AsyncCommands;
 use sqlx::mysql::MySqlPoolOptions;
 use sqlx::MySqlPool;
 
-use crate::helpers::{brokers, redis_url, unique, WorkerEnv, WorkerProcess};
+use crate::helpers::{brokers, unique, OutsideLock, WorkerEnv, WorkerProcess};
 use crate::kafka_util::{committed, end_offset, header, produce, producer, read_all};
 use crate::pipeline::payload;
 
@@ -253,13 +252,7 @@ async fn lock_held_elsewhere_sends_the_record_to_the_delay_topic_and_the_partiti
     let env = WorkerEnv::new(1);
     let (worker, pool) = start(&env).await;
     let (locked, free) = (unique("locked"), unique("free"));
-    let mut redis = redis::Client::open(redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let key = format!("im:lock:{{default:2:{locked}}}");
-    let _: () = redis.set_ex(&key, "outsider", 60).await.unwrap();
+    let outside = OutsideLock::hold(&locked, Some(Duration::from_secs(60))).await;
 
     let producer = producer();
     let (_, locked_offset) = produce(
@@ -299,7 +292,7 @@ async fn lock_held_elsewhere_sends_the_record_to_the_delay_topic_and_the_partiti
         header(&delayed[0], "kafka_dlt-original-offset"),
         Some(&locked_offset.to_be_bytes()[..])
     );
-    let _: () = redis.del(&key).await.unwrap();
+    outside.release().await;
     drop(worker);
     pool.close().await;
     env.drop_database().await;

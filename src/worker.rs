@@ -54,7 +54,12 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> any
         .await
         .context("making sure the topics exist")?;
     let pipeline = build_pipeline(settings).await?;
-    let topics = vec![settings.kafka.inbound_topic.clone()];
+    // The inbound topic and every delay topic, in one group: delay records come back to
+    // the same processing step once due.
+    let topics: Vec<String> = consumer::worker_topics(settings)
+        .into_iter()
+        .filter(|t| *t != settings.kafka.dlq_topic)
+        .collect();
     consumer::run(settings, &topics, pipeline, shutdown).await
 }
 

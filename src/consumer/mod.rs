@@ -15,6 +15,7 @@
 //! partitions move to another member.
 
 mod dispatch;
+mod hold;
 mod topics;
 pub mod tracker;
 
@@ -24,20 +25,22 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::{ClientContext, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 pub use topics::{ensure_topics, worker_topics};
 
 use crate::config::Settings;
-use crate::pipeline::{Pipeline, Record};
+use crate::pipeline::{now_millis, Pipeline, Record};
 use dispatch::{Dispatcher, Work};
+use hold::HeldPartitions;
 use tracker::{OffsetTracker, TopicPartition};
 
-/// Rebalance hooks: the revoke side of in-flight tracking.
+/// Rebalance hooks: the revoke side of in-flight tracking and of held delay partitions.
 pub struct WorkerContext {
     tracker: Arc<Mutex<OffsetTracker>>,
+    held: Arc<Mutex<HeldPartitions>>,
 }
 
 impl ClientContext for WorkerContext {}
@@ -59,6 +62,10 @@ impl ConsumerContext for WorkerContext {
                     .lock()
                     .expect("tracker lock poisoned")
                     .revoke(&revoked);
+                self.held
+                    .lock()
+                    .expect("held lock poisoned")
+                    .forget(&revoked);
                 tracing::info!(partitions = ?revoked, abandoned, "partitions revoked");
                 if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
                     // NoOffset (nothing stored since the last commit) is the common case.
@@ -71,7 +78,79 @@ impl ConsumerContext for WorkerContext {
             Rebalance::Error(error) => tracing::warn!(%error, "rebalance error"),
         }
     }
+
+    /// A newly assigned partition starts unpaused, whatever this member did with it
+    /// before a revoke: its held state was forgotten, so a pause left on it would stall
+    /// it for good.
+    fn post_rebalance(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            if tpl.count() > 0 {
+                if let Err(error) = consumer.resume(tpl) {
+                    tracing::warn!(%error, "resuming newly assigned partitions");
+                }
+            }
+        }
+    }
 }
+
+/// Pauses `tp` until `due_at` because its head record (at `offset`) is not due yet.
+fn hold<C: ConsumerContext>(
+    consumer: &StreamConsumer<C>,
+    held: &Mutex<HeldPartitions>,
+    tp: TopicPartition,
+    offset: i64,
+    due_at: i64,
+) {
+    let mut list = TopicPartitionList::new();
+    list.add_partition(&tp.0, tp.1);
+    if let Err(error) = consumer.pause(&list) {
+        // Not paused: drop nothing, hold nothing; the record comes again after a seek.
+        tracing::warn!(%error, topic = %tp.0, partition = tp.1, "pausing a delay partition failed");
+    }
+    tracing::debug!(topic = %tp.0, partition = tp.1, offset, wait_ms = due_at - now_millis(), "holding delay partition");
+    let mut held = held.lock().expect("held lock poisoned");
+    held.hold(tp, offset, due_at);
+    metrics::gauge!("im_ingest_held_partitions").set(held.count() as f64);
+}
+
+/// Seeks every due held partition back to its head record and resumes it.
+fn release_due<C: ConsumerContext>(consumer: &StreamConsumer<C>, held: &Mutex<HeldPartitions>) {
+    let due = {
+        let mut held = held.lock().expect("held lock poisoned");
+        let due = held.take_due(now_millis());
+        metrics::gauge!("im_ingest_held_partitions").set(held.count() as f64);
+        due
+    };
+    for ((topic, partition), offset) in due {
+        // Pausing discarded what was fetched past the head: fetch again from it.
+        if let Err(error) = consumer.seek(&topic, partition, Offset::Offset(offset), SEEK_TIMEOUT) {
+            tracing::warn!(%error, %topic, partition, offset, "seeking back to the held record failed");
+        }
+        let mut list = TopicPartitionList::new();
+        list.add_partition(&topic, partition);
+        if let Err(error) = consumer.resume(&list) {
+            tracing::warn!(%error, %topic, partition, "resuming a delay partition failed");
+        }
+    }
+}
+
+/// Completes at `due` (epoch ms); never when there is nothing to wait for.
+async fn sleep_until_epoch_ms(due: Option<i64>) {
+    match due {
+        Some(due) => {
+            let wait = (due - now_millis()).max(0) as u64;
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// How long a seek may take before it counts as failed.
+const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn partitions_of(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
     tpl.elements()
@@ -88,6 +167,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
+    let held = Arc::new(Mutex::new(HeldPartitions::default()));
     let mut config = settings.kafka.client_config();
     config
         .set("group.id", &settings.kafka.group_id)
@@ -103,6 +183,7 @@ pub async fn run(
         config
             .create_with_context(WorkerContext {
                 tracker: tracker.clone(),
+                held: held.clone(),
             })
             .context("creating the Kafka consumer")?,
     );
@@ -128,14 +209,19 @@ pub async fn run(
     );
 
     tokio::pin!(shutdown);
-    loop {
+    'consume: loop {
         let permit = tokio::select! {
             _ = &mut shutdown => break,
             permit = permits.clone().acquire_owned() => permit.context("in-flight semaphore closed")?,
         };
-        let message = tokio::select! {
-            _ = &mut shutdown => break,
-            message = consumer.recv() => message,
+        // Wait for a record, waking held delay partitions when they fall due.
+        let message = loop {
+            let next_due = held.lock().expect("held lock poisoned").next_due();
+            tokio::select! {
+                _ = &mut shutdown => break 'consume,
+                _ = sleep_until_epoch_ms(next_due) => release_due(&consumer, &held),
+                message = consumer.recv() => break message,
+            }
         };
         let message = match message {
             Ok(message) => message,
@@ -146,13 +232,27 @@ pub async fn run(
         };
         let record = Record::from_message(&message);
         drop(message);
+        let tp: TopicPartition = (record.topic.clone(), record.partition);
+        if held.lock().expect("held lock poisoned").is_held(&tp) {
+            // Fetched before the pause took effect; it comes again after the seek back.
+            continue;
+        }
+        let job = pipeline.prepare(record);
+        if let Some(due_at) = job.due_at.filter(|due| *due > now_millis()) {
+            hold(&consumer, &held, tp, job.record.offset, due_at);
+            continue;
+        }
+        if let Some(due_at) = job.due_at {
+            metrics::histogram!("im_ingest_retry_lateness_seconds")
+                .record((now_millis() - due_at).max(0) as f64 / 1000.0);
+        }
         {
             let mut tracker = tracker.lock().expect("tracker lock poisoned");
-            tracker.begin(&(record.topic.clone(), record.partition), record.offset);
+            tracker.begin(&tp, job.record.offset);
             metrics::gauge!("im_ingest_in_flight").set(tracker.in_flight() as f64);
         }
         dispatcher.dispatch(Work {
-            job: pipeline.prepare(record),
+            job,
             _permit: permit,
         });
     }

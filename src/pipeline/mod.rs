@@ -143,7 +143,7 @@ impl Pipeline {
         let outcome = match &job.content {
             Err(invalid) => {
                 tracing::warn!(reason = %invalid, "invalid record, dead-lettering it");
-                self.dead_letter(job, INVALID_MESSAGE_FQCN, &invalid.0)
+                self.dead_letter(job, job.attempts, INVALID_MESSAGE_FQCN, &invalid.0)
                     .await?
             }
             Ok(Inbound::Read(_)) => Outcome::ReadReceipt,
@@ -219,17 +219,20 @@ impl Pipeline {
             }
             NextStep::DeadLetter { attempts } => {
                 let reason = format!("user lock held elsewhere through {attempts} attempts");
-                let headers = self.headers(job, attempts, now_millis(), LOCK_HELD_FQCN, &reason);
-                self.publisher
-                    .publish(&self.dlq_topic, &job.record, &headers)
-                    .await?;
-                Ok(Outcome::DeadLettered { reason })
+                self.dead_letter(job, attempts, LOCK_HELD_FQCN, &reason)
+                    .await
             }
         }
     }
 
-    async fn dead_letter(&self, job: &Job, fqcn: &str, reason: &str) -> anyhow::Result<Outcome> {
-        let headers = self.headers(job, job.attempts, now_millis(), fqcn, reason);
+    async fn dead_letter(
+        &self,
+        job: &Job,
+        attempts: u32,
+        fqcn: &str,
+        reason: &str,
+    ) -> anyhow::Result<Outcome> {
+        let headers = self.headers(job, attempts, now_millis(), fqcn, reason);
         self.publisher
             .publish(&self.dlq_topic, &job.record, &headers)
             .await?;

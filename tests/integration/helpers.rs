@@ -154,6 +154,8 @@ pub struct WorkerEnv {
     pub group: String,
     pub database: String,
     pub partitions: i32,
+    /// More `IM_INGEST__…` settings for the worker process.
+    pub extra: Vec<(String, String)>,
 }
 
 impl WorkerEnv {
@@ -166,7 +168,19 @@ impl WorkerEnv {
             group: format!("{id}.group"),
             database: format!("im_test_{}", &id[2..]),
             partitions,
+            extra: Vec::new(),
         }
+    }
+
+    /// Adds a setting for the worker process, e.g. `("RETRY__MAX_ATTEMPTS", "3")`.
+    pub fn with(mut self, key: &str, value: &str) -> Self {
+        self.extra
+            .push((format!("IM_INGEST__{key}"), value.to_string()));
+        self
+    }
+
+    pub fn delay_topic(&self, delay_ms: u64) -> String {
+        format!("{}-{delay_ms}", self.retry_prefix)
     }
 
     pub fn database_url(&self) -> String {
@@ -202,6 +216,7 @@ impl WorkerEnv {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
+        .chain(self.extra.iter().cloned())
         .collect()
     }
 

@@ -9,6 +9,7 @@ mod kafka_offsets;
 mod kafka_util;
 mod lock;
 mod pipeline;
+mod retries;
 mod schema;
 mod stack_script;
 mod store_write;

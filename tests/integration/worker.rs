@@ -14,9 +14,9 @@ use crate::helpers::{brokers, unique, OutsideLock, WorkerEnv, WorkerProcess};
 use crate::kafka_util::{committed, end_offset, header, produce, producer, read_all};
 use crate::pipeline::payload;
 
-const WAIT: Duration = Duration::from_secs(60);
+pub const WAIT: Duration = Duration::from_secs(60);
 
-async fn create_topics(env: &WorkerEnv) {
+pub async fn create_topics(env: &WorkerEnv) {
     let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .create()
@@ -35,7 +35,7 @@ async fn create_topics(env: &WorkerEnv) {
 }
 
 /// Starts a worker and waits until its schema exists; returns a pool on its database.
-async fn start(env: &WorkerEnv) -> (WorkerProcess, MySqlPool) {
+pub async fn start(env: &WorkerEnv) -> (WorkerProcess, MySqlPool) {
     create_topics(env).await;
     let worker = WorkerProcess::start(env);
     let url = env.database_url();
@@ -63,11 +63,11 @@ async fn start(env: &WorkerEnv) -> (WorkerProcess, MySqlPool) {
     }
 }
 
-async fn count(pool: &MySqlPool, sql: &str) -> i64 {
+pub async fn count(pool: &MySqlPool, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
 
-async fn wait_for_count(pool: &MySqlPool, sql: &str, expected: i64, worker: &WorkerProcess) {
+pub async fn wait_for_count(pool: &MySqlPool, sql: &str, expected: i64, worker: &WorkerProcess) {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let n = count(pool, sql).await;
@@ -83,18 +83,25 @@ async fn wait_for_count(pool: &MySqlPool, sql: &str, expected: i64, worker: &Wor
     }
 }
 
-/// Waits until the group's committed offsets reach the end of every partition.
-async fn wait_until_all_committed(env: &WorkerEnv, worker: &WorkerProcess) {
+/// Waits until the group's committed offsets reach the end of every partition of the
+/// inbound topic.
+pub async fn wait_until_all_committed(env: &WorkerEnv, worker: &WorkerProcess) {
+    wait_until_topic_committed(env, &env.inbound, worker).await;
+}
+
+/// Waits until the group's committed offsets reach the end of every partition of `topic`
+/// (as of the call).
+pub async fn wait_until_topic_committed(env: &WorkerEnv, topic: &str, worker: &WorkerProcess) {
     for partition in 0..env.partitions {
-        let end = end_offset(&env.inbound, partition);
+        let end = end_offset(topic, partition);
         if end == 0 {
             continue;
         }
         let deadline = tokio::time::Instant::now() + WAIT;
-        while committed(&env.group, &env.inbound, partition) != Some(end) {
+        while committed(&env.group, topic, partition) != Some(end) {
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "partition {partition} not committed to {end}; log:\n{}",
+                "{topic}/{partition} not committed to {end}; log:\n{}",
                 worker.log_text()
             );
             tokio::time::sleep(Duration::from_millis(200)).await;

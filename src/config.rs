@@ -178,6 +178,8 @@ pub struct RedisSettings {
     pub connect_timeout_ms: u64,
     /// A Redis that does not answer within this time counts as hung (degraded mode).
     pub response_timeout_ms: u64,
+    /// In degraded mode, how often one lock attempt probes whether Redis is back.
+    pub probe_interval_ms: u64,
 }
 
 impl Default for RedisSettings {
@@ -186,6 +188,7 @@ impl Default for RedisSettings {
             url: SecretUrl::new("redis://127.0.0.1:6379"),
             connect_timeout_ms: 1_000,
             response_timeout_ms: 1_000,
+            probe_interval_ms: 1_000,
         }
     }
 }

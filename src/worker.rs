@@ -5,6 +5,7 @@
 //! `database.migrate_on_start` is set.
 
 use std::future::Future;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -35,18 +36,23 @@ pub async fn build_pipeline(settings: &Settings) -> anyhow::Result<Pipeline> {
         settings.kafka.dlq_topic.clone(),
         settings.kafka.group_id.clone(),
         settings.worker.max_message_bytes,
+        Duration::from_millis(settings.redis.probe_interval_ms),
     ))
 }
 
-/// Installs the process-wide metrics registry (Prometheus format). Idempotent: a second
-/// call (tests) returns `None` and the first registry stays.
-pub fn install_metrics() -> Option<PrometheusHandle> {
-    PrometheusBuilder::new().install_recorder().ok()
+/// The process-wide metrics registry (Prometheus format), installed on first use.
+pub fn metrics_handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        PrometheusBuilder::new()
+            .install_recorder()
+            .expect("the metrics recorder is installed only here, once")
+    })
 }
 
 /// Runs the worker until `shutdown` completes.
 pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    install_metrics();
+    metrics_handle();
     if settings.database.migrate_on_start {
         store::migrate(&settings.database).await?;
     }
@@ -54,13 +60,16 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> any
         .await
         .context("making sure the topics exist")?;
     let pipeline = build_pipeline(settings).await?;
-    // The inbound topic and every delay topic, in one group: delay records come back to
-    // the same processing step once due.
-    let topics: Vec<String> = consumer::worker_topics(settings)
+    consumer::run(settings, &consumed_topics(settings), pipeline, shutdown).await
+}
+
+/// The inbound topic and every delay topic: one group consumes them all, so delay
+/// records come back to the same processing step once due.
+pub fn consumed_topics(settings: &Settings) -> Vec<String> {
+    consumer::worker_topics(settings)
         .into_iter()
         .filter(|t| *t != settings.kafka.dlq_topic)
-        .collect();
-    consumer::run(settings, &topics, pipeline, shutdown).await
+        .collect()
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -9,16 +9,17 @@
 //! delay topic instead of waiting; a Redis that fails is bypassed (degraded mode) because
 //! the unique indexes alone already prevent duplicates.
 
+mod degraded;
 mod record;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use sqlx::MySqlPool;
 
+pub use degraded::RedisHealth;
 pub use record::{now_millis, Job, Record};
 
 use crate::lock::{Acquire, LockClient};
@@ -72,7 +73,7 @@ pub struct Pipeline {
     pub dlq_topic: String,
     pub consumer_group: String,
     pub max_message_bytes: usize,
-    degraded: Arc<AtomicBool>,
+    redis_health: Arc<RedisHealth>,
 }
 
 impl Pipeline {
@@ -86,6 +87,7 @@ impl Pipeline {
         dlq_topic: String,
         consumer_group: String,
         max_message_bytes: usize,
+        redis_probe_interval: Duration,
     ) -> Self {
         Self {
             pool,
@@ -96,7 +98,7 @@ impl Pipeline {
             dlq_topic,
             consumer_group,
             max_message_bytes,
-            degraded: Arc::new(AtomicBool::new(false)),
+            redis_health: Arc::new(RedisHealth::new(redis_probe_interval)),
         }
     }
 
@@ -154,9 +156,13 @@ impl Pipeline {
     }
 
     async fn store_under_lock(&self, job: &Job, message: &ChatMessage) -> anyhow::Result<Outcome> {
+        if !self.redis_health.should_try_lock(Instant::now()) {
+            metrics::counter!("im_ingest_unlocked_writes_total").increment(1);
+            return self.write(job, message).await;
+        }
         match self.locks.acquire(&message.user()).await {
             Ok(Acquire::Acquired(guard)) => {
-                self.set_degraded(false, None);
+                self.redis_health.record_success();
                 let written = self.write(job, message).await;
                 if let Err(error) = guard.release().await {
                     // The lease expires by itself; the data is already safe either way.
@@ -165,14 +171,20 @@ impl Pipeline {
                 written
             }
             Ok(Acquire::HeldElsewhere { remaining }) => {
-                self.set_degraded(false, None);
+                self.redis_health.record_success();
                 self.retry_later(job, remaining).await
             }
             Err(error) => {
-                self.set_degraded(true, Some(&error));
+                self.redis_health.record_failure(Instant::now(), &error);
+                metrics::counter!("im_ingest_unlocked_writes_total").increment(1);
                 self.write(job, message).await
             }
         }
+    }
+
+    /// Whether Redis is currently bypassed (degraded mode).
+    pub fn is_degraded(&self) -> bool {
+        self.redis_health.is_degraded()
     }
 
     async fn write(&self, job: &Job, message: &ChatMessage) -> anyhow::Result<Outcome> {
@@ -257,20 +269,6 @@ impl Pipeline {
             origin: job.origin.clone(),
             exception_fqcn: fqcn.to_string(),
             exception_message: message.to_string(),
-        }
-    }
-
-    /// Degraded mode: Redis failed, so records are written under the unique indexes
-    /// alone. Warned once per episode and gauged.
-    fn set_degraded(&self, degraded: bool, error: Option<&redis::RedisError>) {
-        if self.degraded.swap(degraded, Ordering::Relaxed) != degraded {
-            metrics::gauge!("im_ingest_redis_degraded").set(if degraded { 1.0 } else { 0.0 });
-            match error {
-                Some(error) => {
-                    tracing::warn!(%error, "Redis unavailable: degraded mode, writing without the user lock")
-                }
-                None => tracing::info!("Redis available again: locking resumed"),
-            }
         }
     }
 }

@@ -82,6 +82,12 @@ impl OffsetTracker {
         self.partitions.values().map(|s| s.in_flight.len()).sum()
     }
 
+    /// One past the highest offset received on a partition: where fetching must go on
+    /// from (`None` when nothing was received since it was assigned).
+    pub fn next_offset(&self, tp: &TopicPartition) -> Option<i64> {
+        self.partitions.get(tp).map(|s| s.received_up_to)
+    }
+
     /// The lowest offset in flight of a partition, if any.
     pub fn oldest_in_flight(&self, tp: &TopicPartition) -> Option<i64> {
         self.partitions.get(tp)?.in_flight.first().copied()
@@ -119,7 +125,9 @@ mod tests {
         assert_eq!(t.complete(&tp(0), 0), Some(1));
         assert_eq!(t.complete(&tp(0), 2), None);
         assert_eq!(t.oldest_in_flight(&tp(0)), Some(1));
+        assert_eq!(t.next_offset(&tp(0)), Some(3));
         assert_eq!(t.complete(&tp(0), 1), Some(3));
+        assert_eq!(t.next_offset(&tp(1)), None);
     }
 
     #[test]

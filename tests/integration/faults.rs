@@ -289,3 +289,118 @@ async fn holder_stalled_past_its_lease_neither_duplicates_rows_nor_deletes_the_n
     pool.close().await;
     env.drop_database().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_cut_for_ten_seconds_moves_no_offset_past_unstored_records_and_causes_no_rebalance(
+) {
+    use std::collections::{BTreeSet, HashMap};
+
+    use rdkafka::Message;
+
+    use crate::db_proxy::DbProxy;
+    use crate::kafka_util::{committed, read_all};
+    use crate::worker::{start, wait_until_all_committed};
+
+    let server = url::Url::parse(&crate::helpers::mysql_server_url()).unwrap();
+    let upstream = format!(
+        "{}:{}",
+        server.host_str().unwrap(),
+        server.port().unwrap_or(3306)
+    );
+    let proxy = DbProxy::start(upstream).await;
+    let base = WorkerEnv::new(2);
+    let proxied_url = format!("mysql://root@127.0.0.1:{}/{}", proxy.port, base.database);
+    let env = base
+        .with("DATABASE__URL", &proxied_url)
+        .with("DATABASE__ACQUIRE_TIMEOUT_MS", "1000")
+        .with("WORKER__MAX_IN_FLIGHT", "20")
+        .with("WORKER__DB_RETRY_MAX_MS", "1000")
+        // Shorter than the cut: a worker that stopped polling would be evicted.
+        .with("KAFKA__LIBRDKAFKA__MAX.POLL.INTERVAL.MS", "7000");
+    let (worker, pool) = start(&env).await;
+    let producer = producer();
+    let run = unique("db");
+    let push = |from: usize, to: usize| {
+        let (producer, topic, run) = (producer.clone(), env.inbound.clone(), run.clone());
+        async move {
+            for i in from..to {
+                let value =
+                    crate::pipeline::payload(&format!("{run}-c{}", i % 10), &format!("{run}-m{i}"));
+                produce(&producer, &topic, None, value.as_bytes()).await;
+                produce(&producer, &topic, None, value.as_bytes()).await;
+            }
+        }
+    };
+    push(0, 100).await;
+    wait_until_all_committed(&env, &worker).await;
+
+    proxy.cut();
+    push(100, 200).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let snapshot: Vec<Option<i64>> = (0..2)
+        .map(|p| committed(&env.group, &env.inbound, p))
+        .collect();
+    let stored: BTreeSet<String> =
+        sqlx::query_scalar("SELECT CAST(external_message_id AS CHAR) FROM message")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+    // Every record below a committed offset is stored.
+    let mut below: HashMap<i32, usize> = HashMap::new();
+    for record in read_all(&env.inbound) {
+        let position = snapshot[record.partition() as usize].unwrap_or(0);
+        if record.offset() < position {
+            let value: serde_json::Value =
+                serde_json::from_slice(record.payload().unwrap()).unwrap();
+            let id = value["message_id"].as_str().unwrap();
+            assert!(
+                stored.contains(id),
+                "offset {} committed but {id} not stored",
+                record.offset()
+            );
+            *below.entry(record.partition()).or_default() += 1;
+        }
+    }
+    assert_eq!(
+        below.values().sum::<usize>(),
+        200,
+        "the first 200 records were committed"
+    );
+    // For the rest of the ten seconds nothing becomes durable, so nothing is committed.
+    let cut_until = Instant::now() + Duration::from_secs(9);
+    while Instant::now() < cut_until {
+        for p in 0..2 {
+            assert_eq!(
+                committed(&env.group, &env.inbound, p),
+                snapshot[p as usize],
+                "offset moved during the cut"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    proxy.restore();
+
+    wait_until_all_committed(&env, &worker).await;
+    let like = format!("SELECT COUNT(*) FROM message WHERE external_message_id LIKE '{run}-%'");
+    assert_eq!(count(&pool, &like).await, 200);
+    assert_eq!(count(&pool, "SELECT COUNT(*) FROM customer").await, 10);
+    let log = worker.log_text();
+    assert!(
+        log.contains("in-flight limit reached"),
+        "backpressure never engaged:\n{log}"
+    );
+    assert_eq!(
+        log.matches("partitions assigned").count(),
+        1,
+        "a rebalance happened:\n{log}"
+    );
+    assert!(
+        !log.contains("partitions revoked"),
+        "a rebalance happened:\n{log}"
+    );
+    drop(worker);
+    pool.close().await;
+    env.drop_database().await;
+}

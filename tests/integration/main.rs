@@ -4,6 +4,7 @@
 //! suite runs in parallel.
 
 mod cli_config;
+mod db_proxy;
 mod faults;
 mod helpers;
 mod kafka_offsets;

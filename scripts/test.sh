@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: installs what is missing, brings the local stack
-# up if needed (scripts/stack.sh), checks formatting, lints, validates
-# docker-compose.yml, then runs every unit and integration test against the real
-# services. Extra arguments go to `cargo test` (e.g. a test name filter).
+# up if needed (scripts/stack.sh), checks formatting, lints (with and without the
+# `failpoints` feature), validates docker-compose.yml, then runs every unit and
+# integration test against the real services — built with `failpoints`, so the crash
+# tests can abort the worker at its fault points. Extra arguments go to `cargo test`
+# (e.g. a test name filter).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -13,7 +15,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
+cargo clippy --locked --all-targets --features failpoints -- -D warnings
 echo "== docker-compose.yml"
 docker-compose -f docker-compose.yml config -q
 echo "== cargo test"
-cargo test --locked --lib --tests "$@"
+cargo test --locked --features failpoints --lib --tests "$@"

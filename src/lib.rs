@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod config;
 pub mod consumer;
+pub mod failpoint;
 pub mod lock;
 pub mod message;
 pub mod pipeline;

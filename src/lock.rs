@@ -212,6 +212,9 @@ async fn keep_lease(client: LockClient, key: String, token: String, lost: Arc<At
     let period = client.lease / 3;
     loop {
         tokio::time::sleep(period).await;
+        fail::fail_point!("in_lease_extension", |_| crate::failpoint::crash(
+            "in_lease_extension"
+        ));
         match client.extend_token(&key, &token).await {
             Ok(true) => {
                 metrics::counter!("im_ingest_lock_extensions_total").increment(1);

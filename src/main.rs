@@ -5,6 +5,8 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let cli = im_ingest::cli::Cli::parse();
     match im_ingest::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -193,9 +193,13 @@ impl Pipeline {
             partition: job.origin.partition,
             offset: job.origin.offset,
         };
+        crate::failpoint::delay("slow_db_write").await;
         let outcome = write_message(&self.pool, message, &provenance)
             .await
             .context("writing the message to the database")?;
+        fail::fail_point!("after_db_commit", |_| crate::failpoint::crash(
+            "after_db_commit"
+        ));
         Ok(match outcome {
             WriteOutcome::Stored => Outcome::Stored,
             WriteOutcome::Duplicate => Outcome::Duplicate,
@@ -225,6 +229,9 @@ impl Pipeline {
                 self.publisher
                     .publish(&topic, &job.record, &headers)
                     .await?;
+                fail::fail_point!("after_delay_publish", |_| crate::failpoint::crash(
+                    "after_delay_publish"
+                ));
                 metrics::counter!("im_ingest_retries_total", "attempt" => attempts.to_string())
                     .increment(1);
                 Ok(Outcome::Delayed { topic })

@@ -118,6 +118,24 @@ impl WorkerProcess {
         }
     }
 
+    /// Waits (bounded) for the process to exit by itself.
+    // Used by the crash tests, which exist only with the `failpoints` feature.
+    #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+    pub fn wait_for_exit(&mut self, limit: std::time::Duration) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the worker did not exit; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -173,10 +191,23 @@ impl WorkerEnv {
     }
 
     /// Adds a setting for the worker process, e.g. `("RETRY__MAX_ATTEMPTS", "3")`.
-    pub fn with(mut self, key: &str, value: &str) -> Self {
-        self.extra
-            .push((format!("IM_INGEST__{key}"), value.to_string()));
+    pub fn with(self, key: &str, value: &str) -> Self {
+        self.with_var(&format!("IM_INGEST__{key}"), value)
+    }
+
+    /// Adds any environment variable for the worker process (e.g. `FAILPOINTS`).
+    pub fn with_var(mut self, name: &str, value: &str) -> Self {
+        self.extra.push((name.to_string(), value.to_string()));
         self
+    }
+
+    /// The same names and database, without the extra variables.
+    #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+    pub fn without_extra(&self) -> Self {
+        Self {
+            extra: Vec::new(),
+            ..self.clone()
+        }
     }
 
     pub fn delay_topic(&self, delay_ms: u64) -> String {

@@ -4,6 +4,9 @@
 //! suite runs in parallel.
 
 mod cli_config;
+// Needs the binary built with the fail points: `cargo test --features failpoints`.
+#[cfg(feature = "failpoints")]
+mod crash_points;
 mod db_proxy;
 mod faults;
 mod helpers;

@@ -1,0 +1,128 @@
+//! A worker process aborted at each deterministic fault point (cargo feature
+//! `failpoints`, see src/failpoint.rs) loses nothing and doubles nothing after a restart,
+//! and at the moment of the crash its committed offset is behind what it made durable.
+
+use std::time::Duration;
+
+use crate::helpers::{unique, OutsideLock, WorkerEnv, WorkerProcess};
+use crate::kafka_util::{committed, produce, producer, read_all};
+use crate::pipeline::payload;
+use crate::worker::{count, start, wait_for_count, wait_until_all_committed, WAIT};
+
+fn count_of(message_id: &str) -> String {
+    format!("SELECT COUNT(*) FROM message WHERE external_message_id = '{message_id}'")
+}
+
+#[tokio::test]
+async fn crash_after_db_commit_before_offset_store_redelivers_and_stores_once() {
+    let env = WorkerEnv::new(1).with_var("FAILPOINTS", "after_db_commit=return");
+    let (mut worker, pool) = start(&env).await;
+    let (_, offset) = produce(
+        &producer(),
+        &env.inbound,
+        Some(0),
+        payload(&unique("c"), "m1").as_bytes(),
+    )
+    .await;
+    assert!(
+        !worker.wait_for_exit(WAIT).success(),
+        "the fail point should abort the worker"
+    );
+
+    // The row is durable, the offset is not.
+    assert_eq!(count(&pool, &count_of("m1")).await, 1);
+    let position = committed(&env.group, &env.inbound, 0).unwrap_or(0);
+    assert!(
+        position <= offset,
+        "committed {position} is past the crashed record {offset}"
+    );
+
+    let restarted = WorkerProcess::start(&env.without_extra());
+    wait_until_all_committed(&env, &restarted).await;
+    assert_eq!(
+        count(&pool, &count_of("m1")).await,
+        1,
+        "redelivery doubled the row"
+    );
+    drop(restarted);
+    pool.close().await;
+    env.drop_database().await;
+}
+
+#[tokio::test]
+async fn crash_after_delay_publish_before_offset_store_loses_nothing() {
+    let env = WorkerEnv::new(1).with_var("FAILPOINTS", "after_delay_publish=return");
+    let (mut worker, pool) = start(&env).await;
+    let user = unique("held");
+    let outside = OutsideLock::hold(&user, Some(Duration::from_secs(3))).await;
+    let (_, offset) = produce(
+        &producer(),
+        &env.inbound,
+        Some(0),
+        payload(&user, "m1").as_bytes(),
+    )
+    .await;
+    assert!(
+        !worker.wait_for_exit(WAIT).success(),
+        "the fail point should abort the worker"
+    );
+
+    // The delay record is durable, the source offset is not, nothing is stored yet.
+    assert_eq!(read_all(&env.first_delay_topic()).len(), 1);
+    let position = committed(&env.group, &env.inbound, 0).unwrap_or(0);
+    assert!(
+        position <= offset,
+        "committed {position} is past the crashed record {offset}"
+    );
+    assert_eq!(count(&pool, &count_of("m1")).await, 0);
+
+    let restarted = WorkerProcess::start(&env.without_extra());
+    wait_for_count(&pool, &count_of("m1"), 1, &restarted).await;
+    wait_until_all_committed(&env, &restarted).await;
+    // Both copies (the redelivered source and the first delay record) end as one row.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(count(&pool, &count_of("m1")).await, 1);
+    outside.release().await;
+    drop(restarted);
+    pool.close().await;
+    env.drop_database().await;
+}
+
+#[tokio::test]
+async fn crash_inside_a_lease_extension_loses_nothing() {
+    // A slow write (300 ms) under a 90 ms lease forces an extension, which aborts.
+    let env = WorkerEnv::new(1).with("LOCK__LEASE_MS", "90").with_var(
+        "FAILPOINTS",
+        "slow_db_write=return(300);in_lease_extension=return",
+    );
+    let (mut worker, pool) = start(&env).await;
+    let (_, offset) = produce(
+        &producer(),
+        &env.inbound,
+        Some(0),
+        payload(&unique("c"), "m1").as_bytes(),
+    )
+    .await;
+    assert!(
+        !worker.wait_for_exit(WAIT).success(),
+        "the fail point should abort the worker"
+    );
+    assert!(
+        worker.log_text().contains("in_lease_extension"),
+        "{}",
+        worker.log_text()
+    );
+
+    assert_eq!(count(&pool, &count_of("m1")).await, 0);
+    let position = committed(&env.group, &env.inbound, 0).unwrap_or(0);
+    assert!(position <= offset);
+
+    // The crashed holder's key expires with its short lease; the restart stores once.
+    let restarted = WorkerProcess::start(&env.without_extra().with("LOCK__LEASE_MS", "90"));
+    wait_for_count(&pool, &count_of("m1"), 1, &restarted).await;
+    wait_until_all_committed(&env, &restarted).await;
+    assert_eq!(count(&pool, &count_of("m1")).await, 1);
+    drop(restarted);
+    pool.close().await;
+    env.drop_database().await;
+}

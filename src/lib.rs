@@ -4,12 +4,15 @@
 //! The library holds all logic; the `im-ingest` binary is a thin wrapper around
 //! [`cli::run`]. See DESIGN.md for the architecture and the public contract.
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod consumer;
 pub mod failpoint;
+pub mod health;
 pub mod lock;
 pub mod message;
+pub mod metrics_catalog;
 pub mod pipeline;
 pub mod retry;
 pub mod secret;

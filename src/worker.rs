@@ -5,14 +5,16 @@
 //! `database.migrate_on_start` is set.
 
 use std::future::Future;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+use crate::admin;
 use crate::config::Settings;
 use crate::consumer;
+use crate::health::Health;
 use crate::lock::LockClient;
 use crate::pipeline::Pipeline;
 use crate::retry::policy::RetryPolicy;
@@ -45,6 +47,12 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
         PrometheusBuilder::new()
+            // Real histograms (with buckets), not summaries: they aggregate across
+            // instances. Latencies from 1 ms to 30 s.
+            .set_buckets(&[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ])
+            .expect("the bucket list is not empty")
             .install_recorder()
             .expect("the metrics recorder is installed only here, once")
     })
@@ -52,7 +60,8 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
 
 /// Runs the worker until `shutdown` completes.
 pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    metrics_handle();
+    let metrics = metrics_handle().clone();
+    crate::metrics_catalog::register_all();
     if settings.database.migrate_on_start {
         store::migrate(&settings.database).await?;
     }
@@ -60,7 +69,18 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> any
         .await
         .context("making sure the topics exist")?;
     let pipeline = build_pipeline(settings).await?;
-    consumer::run(settings, &consumed_topics(settings), pipeline, shutdown).await
+    let health = Arc::new(Health::default());
+    let (_, admin) = admin::serve(settings, health.clone(), pipeline.pool.clone(), metrics).await?;
+    let result = consumer::run(
+        settings,
+        &consumed_topics(settings),
+        pipeline,
+        health,
+        shutdown,
+    )
+    .await;
+    admin.abort();
+    result
 }
 
 /// The inbound topic and every delay topic: one group consumes them all, so delay

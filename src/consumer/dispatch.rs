@@ -94,9 +94,12 @@ impl<C: ConsumerContext + 'static> Dispatcher<C> {
         let record = &work.job.record;
         let tp: TopicPartition = (record.topic.clone(), record.partition);
         let mut pause = self.backoff.0;
+        let started = std::time::Instant::now();
         loop {
             match self.pipeline.process(&work.job).await {
                 Ok(_) => {
+                    metrics::histogram!("im_ingest_processing_seconds")
+                        .record(started.elapsed().as_secs_f64());
                     self.complete(&tp, record.offset);
                     return;
                 }

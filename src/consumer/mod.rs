@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 pub use topics::{ensure_topics, worker_topics};
 
 use crate::config::Settings;
+use crate::health::Health;
 use crate::pipeline::{now_millis, Pipeline, Record};
 use dispatch::{Dispatcher, Work};
 use hold::HeldPartitions;
@@ -42,9 +43,22 @@ use tracker::{OffsetTracker, TopicPartition};
 pub struct WorkerContext {
     tracker: Arc<Mutex<OffsetTracker>>,
     held: Arc<Mutex<HeldPartitions>>,
+    health: Arc<Health>,
 }
 
-impl ClientContext for WorkerContext {}
+impl ClientContext for WorkerContext {
+    /// librdkafka statistics (every `statistics.interval.ms`): consumer lag per partition.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for (topic, stats) in &statistics.topics {
+            for (partition, p) in &stats.partitions {
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    metrics::gauge!("im_ingest_consumer_lag", "topic" => topic.clone(), "partition" => partition.to_string())
+                        .set(p.consumer_lag as f64);
+                }
+            }
+        }
+    }
+}
 
 impl ConsumerContext for WorkerContext {
     /// Runs inside `recv()`: it must not wait for our own tasks. Revoked partitions'
@@ -88,6 +102,8 @@ impl ConsumerContext for WorkerContext {
         consumer: &rdkafka::consumer::BaseConsumer<Self>,
         rebalance: &Rebalance<'_>,
     ) {
+        let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
+        self.health.set_assigned_partitions(assigned);
         if let Rebalance::Assign(tpl) = rebalance {
             if tpl.count() > 0 {
                 if let Err(error) = consumer.resume(tpl) {
@@ -210,6 +226,7 @@ pub async fn run(
     settings: &Settings,
     topics: &[String],
     pipeline: Pipeline,
+    health: Arc<Health>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
@@ -220,7 +237,8 @@ pub async fn run(
         .set("enable.auto.offset.store", "false")
         .set("enable.auto.commit", "true")
         .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "cooperative-sticky");
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("statistics.interval.ms", "5000");
     // The raw passthrough map wins over our defaults too.
     for (key, value) in &settings.kafka.librdkafka {
         config.set(key, value);
@@ -230,6 +248,7 @@ pub async fn run(
             .create_with_context(WorkerContext {
                 tracker: tracker.clone(),
                 held: held.clone(),
+                health: health.clone(),
             })
             .context("creating the Kafka consumer")?,
     );
@@ -255,7 +274,9 @@ pub async fn run(
     );
 
     tokio::pin!(shutdown);
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
     'consume: loop {
+        health.beat();
         let permit = match permits.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
@@ -270,6 +291,7 @@ pub async fn run(
                 let permit = loop {
                     tokio::select! {
                         _ = &mut shutdown => break 'consume,
+                        _ = heartbeat.tick() => health.beat(),
                         permit = permits.clone().acquire_owned() => {
                             break permit.context("in-flight semaphore closed")?
                         }
@@ -291,6 +313,7 @@ pub async fn run(
             let next_due = held.lock().expect("held lock poisoned").next_due();
             tokio::select! {
                 _ = &mut shutdown => break 'consume,
+                _ = heartbeat.tick() => health.beat(),
                 _ = sleep_until_epoch_ms(next_due) => release_due(&consumer, &held),
                 message = consumer.recv() => break message,
             }

@@ -19,14 +19,14 @@ use crate::kafka_util::{produce, producer};
 use crate::worker::{count, create_topics};
 
 /// A redis-server of this test's own, on a free loopback port.
-struct PrivateRedis {
+pub struct PrivateRedis {
     port: u16,
     child: Option<Child>,
     dir: tempfile::TempDir,
 }
 
 impl PrivateRedis {
-    fn start() -> Self {
+    pub fn start() -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -41,11 +41,11 @@ impl PrivateRedis {
         redis
     }
 
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    fn restart(&mut self) {
+    pub fn restart(&mut self) {
         let child = Command::new("redis-server")
             .args([
                 "--bind",
@@ -86,7 +86,7 @@ impl PrivateRedis {
             .success());
     }
 
-    fn kill(&mut self) {
+    pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -148,7 +148,8 @@ async fn redis_stopped_then_hung_mid_run_loses_and_doubles_nothing_and_degraded_
     let worker = {
         let (settings, pipeline) = (settings.clone(), pipeline.clone());
         tokio::spawn(async move {
-            consumer::run(&settings, &topics, pipeline, async {
+            let health = std::sync::Arc::new(im_ingest::health::Health::default());
+            consumer::run(&settings, &topics, pipeline, health, async {
                 let _ = stopped.await;
             })
             .await

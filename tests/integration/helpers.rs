@@ -136,6 +136,23 @@ impl WorkerProcess {
         }
     }
 
+    /// The admin server's address, as the worker logged it (waits for it).
+    pub fn admin_address(&self) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let log = self.log_text();
+            if let Some(line) = log.lines().find(|l| l.contains("admin server listening")) {
+                let address = line.rsplit("address=").next().unwrap().trim();
+                return address.to_string();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no admin address in:\n{log}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -244,6 +261,8 @@ impl WorkerEnv {
             ("IM_INGEST__DATABASE__URL", self.database_url()),
             ("IM_INGEST__REDIS__URL", redis_url()),
             ("IM_INGEST__LOG__FILTER", "info,im_ingest=debug".into()),
+            // Port 0: every worker process gets its own admin port (see admin_address).
+            ("IM_INGEST__ADMIN__LISTEN", "127.0.0.1:0".into()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))

@@ -3,6 +3,7 @@
 //! `helpers`). Every test uses its own database, topics and consumer group, so the
 //! suite runs in parallel.
 
+mod admin;
 mod cli_config;
 // Needs the binary built with the fail points: `cargo test --features failpoints`.
 #[cfg(feature = "failpoints")]

@@ -1,0 +1,169 @@
+//! The admin HTTP server: `/healthz`, `/readyz`, `/metrics`.
+//!
+//! Guarantee: every answer is bounded in time (each dependency check has its own
+//! timeout), so a hung dependency makes the worker unready, never the admin server
+//! hung. `/healthz` says whether the consumer loop turns; `/readyz` whether Kafka, MySQL
+//! and Redis answer and partitions are assigned, naming what fails.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use serde_json::json;
+use sqlx::MySqlPool;
+
+use crate::config::Settings;
+use crate::health::Health;
+
+/// How long one dependency check may take before it counts as failed.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// A consumer loop that has not turned for this long is unhealthy.
+const STALE_HEARTBEAT_MS: i64 = 30_000;
+
+#[derive(Clone)]
+struct AdminState {
+    health: Arc<Health>,
+    pool: MySqlPool,
+    redis: redis::Client,
+    kafka: Arc<BaseConsumer>,
+    metrics: PrometheusHandle,
+}
+
+/// Binds the admin address (failing start-up clearly if it is taken) and serves until
+/// the returned task is aborted.
+pub async fn serve(
+    settings: &Settings,
+    health: Arc<Health>,
+    pool: MySqlPool,
+    metrics: PrometheusHandle,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let kafka: BaseConsumer = settings
+        .kafka
+        .client_config()
+        .create()
+        .context("creating the Kafka client for readiness checks")?;
+    let redis = redis::Client::open(settings.redis.url.expose())
+        .with_context(|| format!("invalid Redis URL {}", settings.redis.url))?;
+    let state = AdminState {
+        health,
+        pool,
+        redis,
+        kafka: Arc::new(kafka),
+        metrics,
+    };
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind(settings.admin.listen)
+        .await
+        .with_context(|| format!("binding the admin address {}", settings.admin.listen))?;
+    let address = listener.local_addr()?;
+    tracing::info!(%address, "admin server listening");
+    let task = tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app).await {
+            tracing::error!(%error, "admin server stopped");
+        }
+    });
+    Ok((address, task))
+}
+
+async fn healthz(State(state): State<AdminState>) -> Response {
+    match state.health.since_last_beat_ms() {
+        Some(ms) if ms <= STALE_HEARTBEAT_MS => (StatusCode::OK, "ok\n").into_response(),
+        Some(ms) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("consumer loop stalled for {ms} ms\n"),
+        )
+            .into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "consumer loop not started\n",
+        )
+            .into_response(),
+    }
+}
+
+async fn readyz(State(state): State<AdminState>) -> Response {
+    let (kafka, mysql, redis) = tokio::join!(
+        check_kafka(state.kafka.clone()),
+        check_mysql(&state.pool),
+        check_redis(&state.redis)
+    );
+    let partitions = state.health.assigned_partitions();
+    let assigned = if partitions > 0 {
+        Ok(())
+    } else {
+        Err("no partitions assigned".to_string())
+    };
+    let ready = kafka.is_ok() && mysql.is_ok() && redis.is_ok() && assigned.is_ok();
+    let show = |r: &Result<(), String>| match r {
+        Ok(()) => "ok".to_string(),
+        Err(e) => e.clone(),
+    };
+    let body = json!({
+        "ready": ready,
+        "kafka": show(&kafka),
+        "mysql": show(&mysql),
+        "redis": show(&redis),
+        "partitions": partitions,
+        "assignment": show(&assigned),
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+async fn render_metrics(State(state): State<AdminState>) -> Response {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn check_kafka(kafka: Arc<BaseConsumer>) -> Result<(), String> {
+    // librdkafka's metadata call blocks: keep it off the async workers.
+    tokio::task::spawn_blocking(move || {
+        kafka
+            .fetch_metadata(None, CHECK_TIMEOUT)
+            .map(|_| ())
+            .map_err(|e| format!("down: {e}"))
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("check failed: {e}")))
+}
+
+async fn check_mysql(pool: &MySqlPool) -> Result<(), String> {
+    match tokio::time::timeout(CHECK_TIMEOUT, sqlx::query("SELECT 1").execute(pool)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("down: {e}")),
+        Err(_) => Err("down: no answer within 2 s".into()),
+    }
+}
+
+async fn check_redis(client: &redis::Client) -> Result<(), String> {
+    let ping = async {
+        let mut connection = client.get_multiplexed_async_connection().await?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut connection)
+            .await
+    };
+    match tokio::time::timeout(CHECK_TIMEOUT, ping).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("down: {e}")),
+        Err(_) => Err("down: no answer within 2 s".into()),
+    }
+}

@@ -1,0 +1,167 @@
+//! The admin HTTP server of a worker process: readiness follows its dependencies, and
+//! `/metrics` lists every family when idle and counts a known run exactly.
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use crate::db_proxy::DbProxy;
+use crate::faults::PrivateRedis;
+use crate::helpers::{mysql_server_url, unique, WorkerEnv};
+use crate::kafka_util::{produce, producer};
+use crate::pipeline::payload;
+use crate::worker::{start, wait_until_all_committed};
+
+/// A plain HTTP/1.1 GET; returns (status, body).
+fn get(address: &str, path: &str) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = response
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    (status, body)
+}
+
+async fn wait_for_status(address: &str, path: &str, status: u16, what: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (got, body) = get(address, path);
+        if got == status {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path} stayed {got} ({what}): {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_turns_unready_when_redis_or_the_database_goes_away_and_ready_when_back() {
+    let mut redis = PrivateRedis::start();
+    let server = url::Url::parse(&mysql_server_url()).unwrap();
+    let proxy = DbProxy::start(format!(
+        "{}:{}",
+        server.host_str().unwrap(),
+        server.port().unwrap_or(3306)
+    ))
+    .await;
+    let base = WorkerEnv::new(1);
+    let proxied = format!("mysql://root@127.0.0.1:{}/{}", proxy.port, base.database);
+    let env = base
+        .with("REDIS__URL", &redis.url())
+        .with("DATABASE__URL", &proxied)
+        .with("DATABASE__ACQUIRE_TIMEOUT_MS", "1000");
+    let (worker, pool) = start(&env).await;
+    let admin = worker.admin_address();
+    assert_eq!(get(&admin, "/healthz").0, 200);
+    wait_for_status(&admin, "/readyz", 200, "with every dependency up").await;
+
+    redis.kill();
+    let body = wait_for_status(&admin, "/readyz", 503, "Redis stopped").await;
+    assert!(body.contains("\"redis\":\"down"), "{body}");
+    assert!(body.contains("\"mysql\":\"ok\""), "{body}");
+    redis.restart();
+    wait_for_status(&admin, "/readyz", 200, "Redis back").await;
+
+    proxy.cut();
+    let body = wait_for_status(&admin, "/readyz", 503, "database cut").await;
+    assert!(body.contains("\"mysql\":\"down"), "{body}");
+    proxy.restore();
+    wait_for_status(&admin, "/readyz", 200, "database back").await;
+    assert_eq!(get(&admin, "/healthz").0, 200);
+    drop(worker);
+    pool.close().await;
+    env.drop_database().await;
+}
+
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_list_every_family_when_idle_and_count_a_known_run_exactly() {
+    let env = WorkerEnv::new(1);
+    let (worker, pool) = start(&env).await;
+    let admin = worker.admin_address();
+    let (status, idle) = get(&admin, "/metrics");
+    assert_eq!(status, 200);
+    for family in [
+        "im_ingest_records_total",
+        "im_ingest_dead_letters_total",
+        "im_ingest_retries_total",
+        "im_ingest_lock_acquisitions_total",
+        "im_ingest_lock_conflicts_total",
+        "im_ingest_lock_extensions_total",
+        "im_ingest_unlocked_writes_total",
+        "im_ingest_redis_degraded",
+        "im_ingest_in_flight",
+        "im_ingest_backpressure",
+        "im_ingest_held_partitions",
+        "im_ingest_processing_seconds",
+        "im_ingest_retry_lateness_seconds",
+    ] {
+        assert!(
+            idle.contains(family),
+            "{family} missing from an idle worker's /metrics:\n{idle}"
+        );
+    }
+
+    // A known run: 5 messages each sent twice, 2 poison records, 1 read receipt.
+    let producer = producer();
+    let customer = unique("c");
+    for n in 0..5 {
+        let value = payload(&customer, &format!("m{n}"));
+        produce(&producer, &env.inbound, Some(0), value.as_bytes()).await;
+        produce(&producer, &env.inbound, Some(0), value.as_bytes()).await;
+    }
+    produce(&producer, &env.inbound, Some(0), b"not json").await;
+    produce(&producer, &env.inbound, Some(0), b"[]").await;
+    let read = format!(
+        r#"{{"type":"read","from_user_id":"{customer}","to_user_id":"agent","timestamp":1}}"#
+    );
+    produce(&producer, &env.inbound, Some(0), read.as_bytes()).await;
+    wait_until_all_committed(&env, &worker).await;
+
+    let (_, text) = get(&admin, "/metrics");
+    let value =
+        |series: &str| metric(&text, series).unwrap_or_else(|| panic!("{series} not in:\n{text}"));
+    assert_eq!(value(r#"im_ingest_records_total{outcome="stored"}"#), 5.0);
+    assert_eq!(
+        value(r#"im_ingest_records_total{outcome="duplicate"}"#),
+        5.0
+    );
+    assert_eq!(
+        value(r#"im_ingest_records_total{outcome="dead_lettered"}"#),
+        2.0
+    );
+    assert_eq!(
+        value(r#"im_ingest_records_total{outcome="read_receipt"}"#),
+        1.0
+    );
+    assert_eq!(value(r#"im_ingest_records_total{outcome="retried"}"#), 0.0);
+    assert_eq!(
+        value(r#"im_ingest_dead_letters_total{reason="im_ingest::InvalidMessage"}"#),
+        2.0
+    );
+    assert_eq!(value("im_ingest_lock_acquisitions_total"), 10.0);
+    assert_eq!(value("im_ingest_processing_seconds_count"), 13.0);
+    assert_eq!(value("im_ingest_in_flight"), 0.0);
+    drop(worker);
+    pool.close().await;
+    env.drop_database().await;
+}

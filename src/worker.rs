@@ -92,8 +92,20 @@ pub fn consumed_topics(settings: &Settings) -> Vec<String> {
         .collect()
 }
 
-/// Completes on SIGINT or SIGTERM.
+/// Completes on the first SIGINT or SIGTERM. A second one exits the process at once
+/// (uncommitted work is redelivered to the group later: nothing is lost).
 pub async fn shutdown_signal() {
+    next_signal().await;
+    tracing::info!("shutdown requested; a second signal exits at once");
+    tokio::spawn(async {
+        next_signal().await;
+        tracing::warn!("second signal: exiting without finishing in-flight records");
+        std::process::exit(130);
+    });
+}
+
+/// Completes on the next SIGINT or SIGTERM.
+async fn next_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -116,5 +128,4 @@ pub async fn shutdown_signal() {
     {
         let _ = interrupt.await;
     }
-    tracing::info!("shutdown requested");
 }

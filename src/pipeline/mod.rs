@@ -172,7 +172,7 @@ impl Pipeline {
             }
             Ok(Acquire::HeldElsewhere { remaining }) => {
                 self.redis_health.record_success();
-                self.retry_later(job, remaining).await
+                self.retry_later(job, message, remaining).await
             }
             Err(error) => {
                 self.redis_health.record_failure(Instant::now(), &error);
@@ -208,7 +208,12 @@ impl Pipeline {
 
     /// The lock is held elsewhere: to the next delay topic, or to the dead-letter topic
     /// once the attempts are used up. Never a sleep.
-    async fn retry_later(&self, job: &Job, remaining: Option<Duration>) -> anyhow::Result<Outcome> {
+    async fn retry_later(
+        &self,
+        job: &Job,
+        message: &ChatMessage,
+        remaining: Option<Duration>,
+    ) -> anyhow::Result<Outcome> {
         match self
             .policy
             .next(job.attempts, remaining, rand::random::<f64>())
@@ -227,7 +232,7 @@ impl Pipeline {
                     "user lock held elsewhere",
                 );
                 self.publisher
-                    .publish(&topic, &job.record, &headers)
+                    .publish_for_user(&topic, &job.record, &headers, &message.user())
                     .await?;
                 fail::fail_point!("after_delay_publish", |_| crate::failpoint::crash(
                     "after_delay_publish"

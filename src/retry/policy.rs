@@ -4,7 +4,8 @@
 //! Guarantee: pure and deterministic given the random jitter source, so it is unit
 //! tested exhaustively. The n-th retry goes to the n-th delay topic (the last one for
 //! any further); the due time is the delay jittered upwards by up to `jitter`, shortened
-//! to the lock's remaining TTL plus a small margin when that is sooner.
+//! to the lock's remaining TTL (jittered the same way) plus a small margin when that is
+//! sooner.
 
 use std::time::Duration;
 
@@ -77,9 +78,13 @@ impl RetryPolicy {
         }
         let index = (attempts as usize - 1).min(self.delays.len() - 1);
         let delay = self.delays[index];
-        let jittered = delay.mul_f64(1.0 + self.jitter * unit_random.clamp(0.0, 1.0));
-        let wait = match lock_remaining {
-            Some(remaining) if remaining + TTL_MARGIN < jittered => remaining + TTL_MARGIN,
+        let spread = 1.0 + self.jitter * unit_random.clamp(0.0, 1.0);
+        let jittered = delay.mul_f64(spread);
+        // The same jitter on a TTL-shortened wait: records waiting for one lock to expire
+        // (e.g. the locks of a crashed worker) must not all come due at the same instant
+        // on every worker, or all but one conflict again.
+        let wait = match lock_remaining.map(|r| r.mul_f64(spread) + TTL_MARGIN) {
+            Some(after_lock) if after_lock < jittered => after_lock,
             _ => jittered,
         };
         NextStep::Delay {
@@ -143,7 +148,8 @@ mod tests {
             panic!()
         };
         assert_eq!(delay, ms(1000), "the topic stays the configured one");
-        assert_eq!(wait, ms(100) + TTL_MARGIN);
+        // 100 ms jittered like the delay (0.5 × 20% = 110 ms), plus the margin.
+        assert_eq!(wait, ms(110) + TTL_MARGIN);
         let NextStep::Delay { wait, .. } = p.next(1, Some(ms(10_000)), 0.0) else {
             panic!()
         };

@@ -1,0 +1,147 @@
+//! Running as a consumer group: SIGTERM mid-batch, a member killed, a member joining.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+#[allow(unused_imports)]
+use rdkafka::message::Headers;
+use rdkafka::Message;
+
+use crate::helpers::{redis_connection, unique, WorkerEnv, WorkerProcess};
+use crate::kafka_util::{committed, produce, producer, read_all};
+use crate::pipeline::payload;
+use crate::worker::{count, start, wait_until_all_committed, WAIT};
+
+/// Pushes messages `from..to` of `run` (over `customers` customers), each `copies` times,
+/// from 8 concurrent producers.
+async fn push(topic: &str, run: &str, from: usize, to: usize, customers: usize, copies: usize) {
+    let mut tasks = Vec::new();
+    for lane in 0..8 {
+        let (topic, run) = (topic.to_string(), run.to_string());
+        tasks.push(tokio::spawn(async move {
+            let producer = producer();
+            for i in (from + lane..to).step_by(8) {
+                let value = payload(&format!("{run}-c{}", i % customers), &format!("{run}-m{i}"));
+                for _ in 0..copies {
+                    produce(&producer, &topic, None, value.as_bytes()).await;
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+fn message_id(record: &rdkafka::message::OwnedMessage) -> String {
+    let value: serde_json::Value = serde_json::from_slice(record.payload().unwrap()).unwrap();
+    value["message_id"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_batch_exits_zero_with_committed_offsets_equal_to_what_is_durable_and_no_lock_left(
+) {
+    let env = WorkerEnv::new(2);
+    let run = unique("term");
+    crate::worker::create_topics(&env).await;
+    push(&env.inbound, &run, 0, 3_000, 100, 1).await;
+    let (worker, pool) = start(&env).await;
+    let progress = format!("SELECT COUNT(*) FROM message WHERE external_message_id LIKE '{run}-%'");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while count(&pool, &progress).await < 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no progress:\n{}",
+            worker.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let started = std::time::Instant::now();
+    let status = worker
+        .stop()
+        .expect("the worker did not exit within 30 s after SIGTERM");
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    // Exactly the records below the committed offsets are stored: nothing durable is
+    // left uncommitted (so nothing is redone), nothing committed is missing.
+    let stored: BTreeSet<String> =
+        sqlx::query_scalar("SELECT CAST(external_message_id AS CHAR) FROM message")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+    let positions: Vec<i64> = (0..2)
+        .map(|p| committed(&env.group, &env.inbound, p).unwrap_or(0))
+        .collect();
+    let below: BTreeSet<String> = read_all(&env.inbound)
+        .iter()
+        .filter(|r| r.offset() < positions[r.partition() as usize])
+        .map(message_id)
+        .collect();
+    assert!(
+        stored.len() < 3_000,
+        "the run finished before SIGTERM; make it longer"
+    );
+    assert_eq!(
+        below, stored,
+        "committed offsets differ from what is durable"
+    );
+
+    let mut redis = redis_connection().await;
+    let left: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("im:lock:{{default:2:{run}-*"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "lock keys left behind: {left:?}");
+
+    let restarted = WorkerProcess::start(&env);
+    wait_until_all_committed(&env, &restarted).await;
+    assert_eq!(count(&pool, &progress).await, 3_000);
+    drop(restarted);
+    pool.close().await;
+    env.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fourth_worker_joining_three_mid_run_loses_and_doubles_nothing_of_twenty_thousand_records(
+) {
+    let env = WorkerEnv::new(6);
+    let run = unique("group");
+    crate::worker::create_topics(&env).await;
+    let (first, pool) = start(&env).await;
+    let second = WorkerProcess::start(&env);
+    let third = WorkerProcess::start(&env);
+    let progress = format!("SELECT COUNT(*) FROM message WHERE external_message_id LIKE '{run}-%'");
+
+    // 10,000 messages of 500 customers, each twice: 20,000 records, in two halves.
+    push(&env.inbound, &run, 0, 5_000, 500, 2).await;
+    let fourth = WorkerProcess::start(&env); // joins mid-run: a rebalance
+    push(&env.inbound, &run, 5_000, 10_000, 500, 2).await;
+
+    wait_until_all_committed(&env, &first).await;
+    for delay in [250, 1000, 4000, 16000] {
+        crate::worker::wait_until_topic_committed(&env, &env.delay_topic(delay), &first).await;
+    }
+    let dead = read_all(&env.dlq).len();
+    assert_eq!(dead, 0, "{dead} valid records dead-lettered");
+    assert_eq!(count(&pool, &progress).await, 10_000);
+    assert_eq!(count(&pool, "SELECT COUNT(*) FROM customer").await, 500);
+    assert_eq!(count(&pool, "SELECT COUNT(*) FROM session").await, 500);
+    let rebalanced = [&first, &second, &third]
+        .iter()
+        .any(|w| w.log_text().contains("partitions revoked"));
+    assert!(
+        rebalanced,
+        "no member saw a revoke: the test did not exercise a rebalance"
+    );
+    drop((first, second, third, fourth));
+    pool.close().await;
+    env.drop_database().await;
+}

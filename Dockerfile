@@ -1,0 +1,32 @@
+# im-ingest container image: the release binary only, running as a non-root user,
+# configured by built-in defaults plus IM_INGEST__SECTION__KEY environment variables.
+#
+#   docker build -t im-ingest .
+#   docker run --rm -e IM_INGEST__KAFKA__BROKERS=kafka:9092 ... im-ingest run
+#
+# (No Docker engine runs on the project's CI machines: this file is reviewed, and the
+# compose file that uses it is syntax-checked, but neither is built there.)
+
+FROM rust:1.95-bookworm AS builder
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends cmake pkg-config libssl-dev \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY migrations ./migrations
+COPY examples ./examples
+RUN cargo build --release --locked --bin im-ingest
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates libssl3 \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --no-create-home im-ingest
+COPY --from=builder /src/target/release/im-ingest /usr/local/bin/im-ingest
+USER im-ingest
+# Inside a container the admin server must listen beyond loopback to be probed.
+ENV IM_INGEST__ADMIN__LISTEN=0.0.0.0:9464
+EXPOSE 9464
+ENTRYPOINT ["im-ingest"]
+CMD ["run"]

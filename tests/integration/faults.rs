@@ -125,7 +125,7 @@ async fn wait_for_gauge(value: f64, what: &str) {
     }
 }
 
-/// 550 distinct messages of 20 customers, each pushed twice (1,100 records), in bursts
+/// 1,000 distinct messages of 20 customers, each pushed twice (2,000 records), in bursts
 /// around the faults.
 #[tokio::test]
 async fn redis_stopped_then_hung_mid_run_loses_and_doubles_nothing_and_degraded_mode_comes_and_goes(
@@ -173,22 +173,22 @@ async fn redis_stopped_then_hung_mid_run_loses_and_doubles_nothing_and_degraded_
         }
     };
 
-    push(100).await;
+    push(200).await;
     // Redis stopped: the worker goes on without the lock and says so.
     redis.kill();
-    push(150).await;
+    push(250).await;
     wait_for_gauge(1.0, "after Redis stopped").await;
-    push(100).await;
+    push(200).await;
     redis.restart();
-    push(50).await;
+    push(100).await;
     wait_for_gauge(0.0, "after Redis came back").await;
     // Redis hung: accepts connections (the kernel does), never answers.
     redis.signal("-STOP");
-    push(100).await;
+    push(150).await;
     wait_for_gauge(1.0, "while Redis was hung").await;
     redis.signal("-CONT");
     // Recovery is noticed by the next lock attempt, so it needs traffic.
-    push(50).await;
+    push(100).await;
     wait_for_gauge(0.0, "after Redis answered again").await;
 
     let expected = pushed as i64;

@@ -8,7 +8,7 @@ use rdkafka::message::Headers;
 use rdkafka::Message;
 
 use crate::helpers::{redis_connection, unique, WorkerEnv, WorkerProcess};
-use crate::kafka_util::{committed, produce, producer, read_all};
+use crate::kafka_util::{committed, message_id_of, produce, producer, read_all};
 use crate::pipeline::payload;
 use crate::worker::{count, start, wait_until_all_committed, WAIT};
 
@@ -31,11 +31,6 @@ async fn push(topic: &str, run: &str, from: usize, to: usize, customers: usize, 
     for task in tasks {
         task.await.unwrap();
     }
-}
-
-fn message_id(record: &rdkafka::message::OwnedMessage) -> String {
-    let value: serde_json::Value = serde_json::from_slice(record.payload().unwrap()).unwrap();
-    value["message_id"].as_str().unwrap().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,7 +77,7 @@ async fn sigterm_mid_batch_exits_zero_with_committed_offsets_equal_to_what_is_du
     let below: BTreeSet<String> = read_all(&env.inbound)
         .iter()
         .filter(|r| r.offset() < positions[r.partition() as usize])
-        .map(message_id)
+        .map(message_id_of)
         .collect();
     assert!(
         stored.len() < 3_000,

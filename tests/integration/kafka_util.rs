@@ -114,3 +114,9 @@ pub fn header<'a>(message: &'a OwnedMessage, name: &str) -> Option<&'a [u8]> {
         .last()
         .and_then(|h| h.value)
 }
+
+/// The `message_id` of a record whose value is an inbound chat message.
+pub fn message_id_of(record: &OwnedMessage) -> String {
+    let value: serde_json::Value = serde_json::from_slice(record.payload().unwrap()).unwrap();
+    value["message_id"].as_str().unwrap().to_string()
+}

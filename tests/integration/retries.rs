@@ -14,7 +14,8 @@ use crate::helpers::{unique, OutsideLock, WorkerEnv, WorkerProcess};
 use crate::kafka_util::{committed, end_offset, header, produce, producer, read_all, TIMEOUT};
 use crate::pipeline::payload;
 use crate::worker::{
-    count, start, wait_for_count, wait_until_all_committed, wait_until_topic_committed, WAIT,
+    count, push_ten_messages_of_one_new_customer_twice, start, wait_for_count,
+    wait_until_all_committed, wait_until_topic_committed, WAIT,
 };
 
 const DELAYS: [u64; 4] = [250, 1000, 4000, 16000];
@@ -69,19 +70,7 @@ async fn two_workers_in_one_group_store_one_customer_one_session_ten_messages_fr
     let env = WorkerEnv::new(4);
     let (first, pool) = start(&env).await;
     let second = WorkerProcess::start(&env);
-    let customer = unique("c");
-    let mut producers = Vec::new();
-    for n in 0..10 {
-        let (topic, value) = (env.inbound.clone(), payload(&customer, &format!("msg-{n}")));
-        producers.push(tokio::spawn(async move {
-            let producer = producer();
-            produce(&producer, &topic, None, value.as_bytes()).await;
-            produce(&producer, &topic, None, value.as_bytes()).await;
-        }));
-    }
-    for p in producers {
-        p.await.unwrap();
-    }
+    push_ten_messages_of_one_new_customer_twice(&env.inbound).await;
     wait_for_count(&pool, "SELECT COUNT(*) FROM message", 10, &first).await;
     wait_until_retries_settled(&env, &first).await;
     assert_eq!(count(&pool, "SELECT COUNT(*) FROM customer").await, 1);

@@ -109,18 +109,15 @@ pub async fn wait_until_topic_committed(env: &WorkerEnv, topic: &str, worker: &W
     }
 }
 
-#[tokio::test]
-async fn ten_concurrent_producers_pushing_one_new_customer_twice_create_one_customer_one_session_ten_messages(
-) {
-    let env = WorkerEnv::new(4);
-    let (worker, pool) = start(&env).await;
+/// The seed scenario: ten concurrent producers each push one message of one new
+/// customer (same timestamp), twice, with random keys (so over several partitions).
+pub async fn push_ten_messages_of_one_new_customer_twice(topic: &str) {
     let customer = unique("c");
     let mut producers = Vec::new();
     for n in 0..10 {
-        let (topic, value) = (env.inbound.clone(), payload(&customer, &format!("msg-{n}")));
+        let (topic, value) = (topic.to_string(), payload(&customer, &format!("msg-{n}")));
         producers.push(tokio::spawn(async move {
             let producer = producer();
-            // Random keys spread the copies over the partitions.
             produce(&producer, &topic, None, value.as_bytes()).await;
             produce(&producer, &topic, None, value.as_bytes()).await;
         }));
@@ -128,6 +125,14 @@ async fn ten_concurrent_producers_pushing_one_new_customer_twice_create_one_cust
     for p in producers {
         p.await.unwrap();
     }
+}
+
+#[tokio::test]
+async fn ten_concurrent_producers_pushing_one_new_customer_twice_create_one_customer_one_session_ten_messages(
+) {
+    let env = WorkerEnv::new(4);
+    let (worker, pool) = start(&env).await;
+    push_ten_messages_of_one_new_customer_twice(&env.inbound).await;
     wait_until_all_committed(&env, &worker).await;
     assert_eq!(count(&pool, "SELECT COUNT(*) FROM customer").await, 1);
     assert_eq!(count(&pool, "SELECT COUNT(*) FROM session").await, 1);

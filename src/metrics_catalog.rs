@@ -17,6 +17,59 @@ const OUTCOMES: [&str; 5] = [
     "dead_lettered",
 ];
 
+/// Counters without labels: (name, help).
+const COUNTERS: [(&str, &str); 5] = [
+    ("im_ingest_lock_acquisitions_total", "Per-user locks taken"),
+    (
+        "im_ingest_lock_conflicts_total",
+        "Per-user locks found held elsewhere",
+    ),
+    (
+        "im_ingest_lock_extensions_total",
+        "Lock leases extended while work ran",
+    ),
+    (
+        "im_ingest_unlocked_writes_total",
+        "Writes done without the lock (degraded mode)",
+    ),
+    (
+        "im_ingest_db_transaction_retries_total",
+        "Transactions retried after a deadlock or lock-wait timeout",
+    ),
+];
+
+/// Gauges without labels, starting at 0: (name, help).
+const GAUGES: [(&str, &str); 4] = [
+    (
+        "im_ingest_redis_degraded",
+        "1 while Redis is bypassed (degraded mode)",
+    ),
+    (
+        "im_ingest_in_flight",
+        "Records received and not yet durable",
+    ),
+    (
+        "im_ingest_backpressure",
+        "1 while partitions are paused because in-flight is full",
+    ),
+    (
+        "im_ingest_held_partitions",
+        "Delay partitions waiting for their head record to fall due",
+    ),
+];
+
+/// Histograms in seconds: (name, help).
+const HISTOGRAMS: [(&str, &str); 2] = [
+    (
+        "im_ingest_processing_seconds",
+        "Time from a record's dispatch to its durable outcome",
+    ),
+    (
+        "im_ingest_retry_lateness_seconds",
+        "How long after its due time a delay record was picked up",
+    ),
+];
+
 pub fn register_all() {
     describe_counter!("im_ingest_records_total", "Records processed, by outcome");
     for outcome in OUTCOMES {
@@ -34,63 +87,21 @@ pub fn register_all() {
         "Records sent to a delay topic, by the attempt they carry"
     );
     metrics::counter!("im_ingest_retries_total", "attempt" => "2").increment(0);
-    describe_counter!("im_ingest_lock_acquisitions_total", "Per-user locks taken");
-    metrics::counter!("im_ingest_lock_acquisitions_total").increment(0);
-    describe_counter!(
-        "im_ingest_lock_conflicts_total",
-        "Per-user locks found held elsewhere"
-    );
-    metrics::counter!("im_ingest_lock_conflicts_total").increment(0);
-    describe_counter!(
-        "im_ingest_lock_extensions_total",
-        "Lock leases extended while work ran"
-    );
-    metrics::counter!("im_ingest_lock_extensions_total").increment(0);
-    describe_counter!(
-        "im_ingest_unlocked_writes_total",
-        "Writes done without the lock (degraded mode)"
-    );
-    metrics::counter!("im_ingest_unlocked_writes_total").increment(0);
-    describe_counter!(
-        "im_ingest_db_transaction_retries_total",
-        "Transactions retried after a deadlock or lock-wait timeout"
-    );
-    metrics::counter!("im_ingest_db_transaction_retries_total").increment(0);
-    describe_gauge!(
-        "im_ingest_redis_degraded",
-        "1 while Redis is bypassed (degraded mode)"
-    );
-    metrics::gauge!("im_ingest_redis_degraded").set(0.0);
-    describe_gauge!(
-        "im_ingest_in_flight",
-        "Records received and not yet durable"
-    );
-    metrics::gauge!("im_ingest_in_flight").set(0.0);
-    describe_gauge!(
-        "im_ingest_backpressure",
-        "1 while partitions are paused because in-flight is full"
-    );
-    metrics::gauge!("im_ingest_backpressure").set(0.0);
-    describe_gauge!(
-        "im_ingest_held_partitions",
-        "Delay partitions waiting for their head record to fall due"
-    );
-    metrics::gauge!("im_ingest_held_partitions").set(0.0);
+    for (name, help) in COUNTERS {
+        describe_counter!(name, help);
+        metrics::counter!(name).increment(0);
+    }
+    for (name, help) in GAUGES {
+        describe_gauge!(name, help);
+        metrics::gauge!(name).set(0.0);
+    }
     describe_gauge!(
         "im_ingest_consumer_lag",
         "Records behind the partition's end, per topic and partition (librdkafka statistics)"
     );
-    describe_histogram!(
-        "im_ingest_processing_seconds",
-        Unit::Seconds,
-        "Time from a record's dispatch to its durable outcome"
-    );
-    // Taking a handle registers the family; nothing is recorded.
-    let _ = metrics::histogram!("im_ingest_processing_seconds");
-    describe_histogram!(
-        "im_ingest_retry_lateness_seconds",
-        Unit::Seconds,
-        "How long after its due time a delay record was picked up"
-    );
-    let _ = metrics::histogram!("im_ingest_retry_lateness_seconds");
+    for (name, help) in HISTOGRAMS {
+        describe_histogram!(name, Unit::Seconds, help);
+        // Taking a handle registers the family; nothing is recorded.
+        let _ = metrics::histogram!(name);
+    }
 }

@@ -89,7 +89,8 @@ impl OffsetTracker {
     }
 
     /// The lowest offset in flight of a partition, if any.
-    pub fn oldest_in_flight(&self, tp: &TopicPartition) -> Option<i64> {
+    #[cfg(test)]
+    fn oldest_in_flight(&self, tp: &TopicPartition) -> Option<i64> {
         self.partitions.get(tp)?.in_flight.first().copied()
     }
 }

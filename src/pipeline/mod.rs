@@ -182,11 +182,6 @@ impl Pipeline {
         }
     }
 
-    /// Whether Redis is currently bypassed (degraded mode).
-    pub fn is_degraded(&self) -> bool {
-        self.redis_health.is_degraded()
-    }
-
     async fn write(&self, job: &Job, message: &ChatMessage) -> anyhow::Result<Outcome> {
         let provenance = Provenance {
             topic: job.origin.topic.clone(),

@@ -66,7 +66,8 @@ async fn readyz_turns_unready_when_redis_or_the_database_goes_away_and_ready_whe
         .with("DATABASE__ACQUIRE_TIMEOUT_MS", "1000");
     let (worker, pool) = start(&env).await;
     let admin = worker.admin_address();
-    assert_eq!(get(&admin, "/healthz").0, 200);
+    // The admin server binds just before the consumer loop's first heartbeat.
+    wait_for_status(&admin, "/healthz", 200, "once the consumer loop turns").await;
     wait_for_status(&admin, "/readyz", 200, "with every dependency up").await;
 
     redis.kill();

@@ -9,6 +9,22 @@ use crate::kafka_util::{committed, produce, producer, read_all};
 use crate::pipeline::payload;
 use crate::worker::{count, start, wait_for_count, wait_until_all_committed, WAIT};
 
+/// Produces message `m1` of `customer` to partition 0 and waits for the worker to abort
+/// at its fail point; returns the record's offset.
+async fn produce_and_expect_abort(
+    env: &WorkerEnv,
+    worker: &mut WorkerProcess,
+    customer: &str,
+) -> i64 {
+    let value = payload(customer, "m1");
+    let (_, offset) = produce(&producer(), &env.inbound, Some(0), value.as_bytes()).await;
+    assert!(
+        !worker.wait_for_exit(WAIT).success(),
+        "the fail point should abort the worker"
+    );
+    offset
+}
+
 fn count_of(message_id: &str) -> String {
     format!("SELECT COUNT(*) FROM message WHERE external_message_id = '{message_id}'")
 }
@@ -17,17 +33,7 @@ fn count_of(message_id: &str) -> String {
 async fn crash_after_db_commit_before_offset_store_redelivers_and_stores_once() {
     let env = WorkerEnv::new(1).with_var("FAILPOINTS", "after_db_commit=return");
     let (mut worker, pool) = start(&env).await;
-    let (_, offset) = produce(
-        &producer(),
-        &env.inbound,
-        Some(0),
-        payload(&unique("c"), "m1").as_bytes(),
-    )
-    .await;
-    assert!(
-        !worker.wait_for_exit(WAIT).success(),
-        "the fail point should abort the worker"
-    );
+    let offset = produce_and_expect_abort(&env, &mut worker, &unique("c")).await;
 
     // The row is durable, the offset is not.
     assert_eq!(count(&pool, &count_of("m1")).await, 1);
@@ -55,17 +61,7 @@ async fn crash_after_delay_publish_before_offset_store_loses_nothing() {
     let (mut worker, pool) = start(&env).await;
     let user = unique("held");
     let outside = OutsideLock::hold(&user, Some(Duration::from_secs(3))).await;
-    let (_, offset) = produce(
-        &producer(),
-        &env.inbound,
-        Some(0),
-        payload(&user, "m1").as_bytes(),
-    )
-    .await;
-    assert!(
-        !worker.wait_for_exit(WAIT).success(),
-        "the fail point should abort the worker"
-    );
+    let offset = produce_and_expect_abort(&env, &mut worker, &user).await;
 
     // The delay record is durable, the source offset is not, nothing is stored yet.
     assert_eq!(read_all(&env.first_delay_topic()).len(), 1);
@@ -96,17 +92,7 @@ async fn crash_inside_a_lease_extension_loses_nothing() {
         "slow_db_write=return(300);in_lease_extension=return",
     );
     let (mut worker, pool) = start(&env).await;
-    let (_, offset) = produce(
-        &producer(),
-        &env.inbound,
-        Some(0),
-        payload(&unique("c"), "m1").as_bytes(),
-    )
-    .await;
-    assert!(
-        !worker.wait_for_exit(WAIT).success(),
-        "the fail point should abort the worker"
-    );
+    let offset = produce_and_expect_abort(&env, &mut worker, &unique("c")).await;
     assert!(
         worker.log_text().contains("in_lease_extension"),
         "{}",

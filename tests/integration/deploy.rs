@@ -64,13 +64,7 @@ async fn sigterm_mid_batch_exits_zero_with_committed_offsets_equal_to_what_is_du
 
     // Exactly the records below the committed offsets are stored: nothing durable is
     // left uncommitted (so nothing is redone), nothing committed is missing.
-    let stored: BTreeSet<String> =
-        sqlx::query_scalar("SELECT CAST(external_message_id AS CHAR) FROM message")
-            .fetch_all(&pool)
-            .await
-            .unwrap()
-            .into_iter()
-            .collect();
+    let stored = crate::worker::stored_message_ids(&pool).await;
     let positions: Vec<i64> = (0..2)
         .map(|p| committed(&env.group, &env.inbound, p).unwrap_or(0))
         .collect();
@@ -107,7 +101,11 @@ async fn sigterm_mid_batch_exits_zero_with_committed_offsets_equal_to_what_is_du
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fourth_worker_joining_three_mid_run_loses_and_doubles_nothing_of_twenty_thousand_records(
 ) {
-    let env = WorkerEnv::new(6);
+    // This test is about the rebalance. Under this much cross-worker contention on 500
+    // users, the default 5 attempts (about 21 s of delays) can run out for a valid
+    // record while the backlog lasts, and it is dead-lettered with LockHeld (the known
+    // limit in the README); a larger retry budget keeps that out of this test.
+    let env = WorkerEnv::new(6).with("RETRY__MAX_ATTEMPTS", "10");
     let run = unique("group");
     crate::worker::create_topics(&env).await;
     let (first, pool) = start(&env).await;

@@ -294,7 +294,7 @@ async fn holder_stalled_past_its_lease_neither_duplicates_rows_nor_deletes_the_n
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_cut_for_ten_seconds_moves_no_offset_past_unstored_records_and_causes_no_rebalance(
 ) {
-    use std::collections::{BTreeSet, HashMap};
+    use std::collections::HashMap;
 
     use rdkafka::Message;
 
@@ -341,13 +341,7 @@ async fn database_cut_for_ten_seconds_moves_no_offset_past_unstored_records_and_
     let snapshot: Vec<Option<i64>> = (0..2)
         .map(|p| committed(&env.group, &env.inbound, p))
         .collect();
-    let stored: BTreeSet<String> =
-        sqlx::query_scalar("SELECT CAST(external_message_id AS CHAR) FROM message")
-            .fetch_all(&pool)
-            .await
-            .unwrap()
-            .into_iter()
-            .collect();
+    let stored = crate::worker::stored_message_ids(&pool).await;
     // Every record below a committed offset is stored.
     let mut below: HashMap<i32, usize> = HashMap::new();
     for record in read_all(&env.inbound) {

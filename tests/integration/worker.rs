@@ -63,6 +63,17 @@ pub async fn start(env: &WorkerEnv) -> (WorkerProcess, MySqlPool) {
     }
 }
 
+/// The external ids of every stored message.
+pub async fn stored_message_ids(pool: &MySqlPool) -> std::collections::BTreeSet<String> {
+    // utf8mb4_bin columns come back as VARBINARY under sqlx: cast to read them as text.
+    sqlx::query_scalar("SELECT CAST(external_message_id AS CHAR) FROM message")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
 pub async fn count(pool: &MySqlPool, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }

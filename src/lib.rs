@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod consumer;
 pub mod failpoint;
+pub mod fnv;
 pub mod health;
 pub mod lock;
 pub mod message;

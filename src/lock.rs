@@ -47,9 +47,13 @@ pub fn lock_key(user: &UserKey) -> String {
 pub enum Acquire {
     Acquired(LockGuard),
     /// Someone else holds the key. `remaining` is its TTL, or `None` when the key has no
-    /// TTL (a lock without one never shortens a retry delay).
+    /// TTL (a lock without one never shortens a retry delay). `holder` is a fingerprint
+    /// of the holder's token ([`holder_fingerprint`]), `None` if the key vanished before
+    /// it was read: comparing fingerprints across attempts tells a lock that changes
+    /// hands (contention) from one that stays with one holder (stuck).
     HeldElsewhere {
         remaining: Option<Duration>,
+        holder: Option<String>,
     },
 }
 
@@ -95,12 +99,13 @@ impl LockClient {
         self.lease
     }
 
-    /// One round trip: `SET NX PX` and, for the case it fails, `PTTL` of the holder.
+    /// One round trip: `SET NX PX` and, for the case it fails, `PTTL` and `GET` of the
+    /// holder.
     pub async fn acquire(&self, user: &UserKey) -> redis::RedisResult<Acquire> {
         let key = lock_key(user);
         let token = new_token();
         let mut connection = self.connection.clone();
-        let (set, pttl): (Option<String>, i64) = redis::pipe()
+        let (set, pttl, holder): (Option<String>, i64, Option<String>) = redis::pipe()
             .cmd("SET")
             .arg(&key)
             .arg(&token)
@@ -108,6 +113,8 @@ impl LockClient {
             .arg("PX")
             .arg(millis(self.lease))
             .cmd("PTTL")
+            .arg(&key)
+            .cmd("GET")
             .arg(&key)
             .query_async(&mut connection)
             .await?;
@@ -121,7 +128,10 @@ impl LockClient {
             // -2: the holder's key expired between SET and PTTL; it is free again.
             ms => Some(Duration::from_millis(ms.max(0) as u64)),
         };
-        Ok(Acquire::HeldElsewhere { remaining })
+        Ok(Acquire::HeldElsewhere {
+            remaining,
+            holder: holder.as_deref().map(holder_fingerprint),
+        })
     }
 
     /// Starts the lease keeper for a key we hold.
@@ -229,6 +239,13 @@ async fn keep_lease(client: LockClient, key: String, token: String, lost: Arc<At
             Err(error) => tracing::warn!(%key, %error, "extending the lock lease failed"),
         }
     }
+}
+
+/// A short stable digest of a lock token: enough to tell holders apart in a record's
+/// headers without publishing the token itself (which would let a reader release the
+/// lock).
+pub fn holder_fingerprint(token: &str) -> String {
+    format!("{:016x}", crate::fnv::fnv1a(token.bytes()))
 }
 
 fn new_token() -> String {

@@ -18,7 +18,7 @@ const OUTCOMES: [&str; 5] = [
 ];
 
 /// Counters without labels: (name, help).
-const COUNTERS: [(&str, &str); 5] = [
+const COUNTERS: [(&str, &str); 6] = [
     ("im_ingest_lock_acquisitions_total", "Per-user locks taken"),
     (
         "im_ingest_lock_conflicts_total",
@@ -31,6 +31,10 @@ const COUNTERS: [(&str, &str); 5] = [
     (
         "im_ingest_unlocked_writes_total",
         "Writes done without the lock (degraded mode)",
+    ),
+    (
+        "im_ingest_contended_writes_total",
+        "Last-attempt writes done without a lock that kept changing hands",
     ),
     (
         "im_ingest_db_transaction_retries_total",

@@ -7,8 +7,10 @@
 //! must be processed again (the writes are idempotent, so "again" is always safe). Bad
 //! input is dead-lettered, never retried; a lock held elsewhere sends the record to a
 //! delay topic instead of waiting; a Redis that fails is bypassed (degraded mode) because
-//! the unique indexes alone already prevent duplicates.
+//! the unique indexes alone already prevent duplicates. So is a lock that kept changing
+//! hands until the record's last attempt (see `contention`).
 
+mod contention;
 mod degraded;
 mod record;
 
@@ -19,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use sqlx::MySqlPool;
 
+use contention::{changed_hands, lock_held_message};
 pub use degraded::RedisHealth;
 pub use record::{now_millis, Job, Record};
 
@@ -170,9 +173,9 @@ impl Pipeline {
                 }
                 written
             }
-            Ok(Acquire::HeldElsewhere { remaining }) => {
+            Ok(Acquire::HeldElsewhere { remaining, holder }) => {
                 self.redis_health.record_success();
-                self.retry_later(job, message, remaining).await
+                self.retry_later(job, message, remaining, holder).await
             }
             Err(error) => {
                 self.redis_health.record_failure(Instant::now(), &error);
@@ -201,13 +204,15 @@ impl Pipeline {
         })
     }
 
-    /// The lock is held elsewhere: to the next delay topic, or to the dead-letter topic
-    /// once the attempts are used up. Never a sleep.
+    /// The lock is held elsewhere: to the next delay topic; once the attempts are used
+    /// up, to the dead-letter topic, or written without the lock if it changed hands
+    /// since the previous attempt (see `contention`). Never a sleep.
     async fn retry_later(
         &self,
         job: &Job,
         message: &ChatMessage,
         remaining: Option<Duration>,
+        holder: Option<String>,
     ) -> anyhow::Result<Outcome> {
         match self
             .policy
@@ -224,7 +229,7 @@ impl Pipeline {
                     attempts,
                     now_millis() + wait.as_millis() as i64,
                     LOCK_HELD_FQCN,
-                    "user lock held elsewhere",
+                    &lock_held_message("user lock held elsewhere", holder.as_deref()),
                 );
                 self.publisher
                     .publish_for_user(&topic, &job.record, &headers, &message.user())
@@ -236,8 +241,21 @@ impl Pipeline {
                     .increment(1);
                 Ok(Outcome::Delayed { topic })
             }
+            NextStep::DeadLetter { .. }
+                if changed_hands(job.previous_holder.as_deref(), holder.as_deref()) =>
+            {
+                tracing::info!(
+                    attempts = job.attempts,
+                    "lock changed hands since the last attempt; writing without it"
+                );
+                metrics::counter!("im_ingest_contended_writes_total").increment(1);
+                self.write(job, message).await
+            }
             NextStep::DeadLetter { attempts } => {
-                let reason = format!("user lock held elsewhere through {attempts} attempts");
+                let reason = lock_held_message(
+                    &format!("user lock held elsewhere through {attempts} attempts"),
+                    holder.as_deref(),
+                );
                 self.dead_letter(job, attempts, LOCK_HELD_FQCN, &reason)
                     .await
             }

@@ -4,8 +4,10 @@
 //! Guarantee: preparing a record never fails and never loses it: whatever is wrong with
 //! it becomes a reason to dead-letter, carried with the record.
 
-use rdkafka::message::{BorrowedMessage, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Headers, Message, OwnedHeaders};
 
+use super::contention::holder_in;
+use super::LOCK_HELD_FQCN;
 use crate::message::{decode, Inbound, InvalidMessage, UserKey};
 use crate::retry::headers::{Origin, RetryHeaders};
 
@@ -23,7 +25,8 @@ pub struct Record {
 }
 
 impl Record {
-    pub fn from_message(message: &BorrowedMessage<'_>) -> Self {
+    /// Copies a consumed message (borrowed from the consumer, or owned).
+    pub fn from_message(message: &impl Message) -> Self {
         Self {
             topic: message.topic().to_string(),
             partition: message.partition(),
@@ -31,7 +34,12 @@ impl Record {
             timestamp: message.timestamp().to_millis(),
             key: message.key().map(<[u8]>::to_vec),
             value: message.payload().map(<[u8]>::to_vec),
-            headers: message.headers().map(|h| h.detach()),
+            headers: message.headers().map(|headers| {
+                headers.iter().fold(
+                    OwnedHeaders::new_with_capacity(headers.count()),
+                    |owned, h| owned.insert(h),
+                )
+            }),
         }
     }
 }
@@ -47,6 +55,9 @@ pub struct Job {
     pub attempts: u32,
     /// The due time of a delay record, epoch ms.
     pub due_at: Option<i64>,
+    /// Fingerprint of the lock holder that sent this record to its delay topic, if it
+    /// says (see `contention`).
+    pub previous_holder: Option<String>,
 }
 
 impl Job {
@@ -64,13 +75,19 @@ impl Job {
             Some(headers) if headers.count() > 0 => RetryHeaders::from_headers(headers),
             _ => Ok(None),
         };
+        let mut previous_holder = None;
         let (origin, attempts, due_at, header_error) = match retry {
-            Ok(Some(h)) => (
-                h.origin,
-                u32::try_from(h.attempts.max(1)).unwrap_or(u32::MAX),
-                Some(h.backoff_timestamp),
-                None,
-            ),
+            Ok(Some(h)) => {
+                if h.exception_fqcn == LOCK_HELD_FQCN {
+                    previous_holder = holder_in(&h.exception_message).map(str::to_string);
+                }
+                (
+                    h.origin,
+                    u32::try_from(h.attempts.max(1)).unwrap_or(u32::MAX),
+                    Some(h.backoff_timestamp),
+                    None,
+                )
+            }
             Ok(None) => (own_origin, 1, None, None),
             Err(reason) => (own_origin, 1, None, Some(reason)),
         };
@@ -84,6 +101,7 @@ impl Job {
             origin,
             attempts,
             due_at,
+            previous_holder,
         }
     }
 

@@ -132,16 +132,14 @@ impl Publisher {
     }
 }
 
-/// FNV-1a over the user key: the same partition for a user in every process and version.
+/// FNV-1a over the user key's fields, each NUL-terminated: the same partition for a user
+/// in every process and version.
 fn stable_hash(user: &UserKey) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for part in [&user.tenant_id, &user.platform, &user.user_id] {
-        for byte in part.bytes().chain([0]) {
-            hash ^= u64::from(byte);
-            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    hash
+    crate::fnv::fnv1a(
+        [&user.tenant_id, &user.platform, &user.user_id]
+            .into_iter()
+            .flat_map(|part| part.bytes().chain([0])),
+    )
 }
 
 #[cfg(test)]

@@ -109,6 +109,7 @@ async fn metrics_list_every_family_when_idle_and_count_a_known_run_exactly() {
         "im_ingest_lock_conflicts_total",
         "im_ingest_lock_extensions_total",
         "im_ingest_unlocked_writes_total",
+        "im_ingest_contended_writes_total",
         "im_ingest_redis_degraded",
         "im_ingest_in_flight",
         "im_ingest_backpressure",

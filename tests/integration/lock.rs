@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use im_ingest::config::RedisSettings;
-use im_ingest::lock::{lock_key, Acquire, LockClient, LockGuard};
+use im_ingest::lock::{holder_fingerprint, lock_key, Acquire, LockClient, LockGuard};
 use im_ingest::message::UserKey;
 use im_ingest::secret::SecretUrl;
 use redis::AsyncCommands;
@@ -39,14 +39,15 @@ async fn acquired(client: &LockClient, user: &UserKey) -> LockGuard {
 }
 
 #[tokio::test]
-async fn second_acquirer_sees_the_lock_held_with_its_remaining_ttl() {
+async fn second_acquirer_sees_the_lock_held_with_its_remaining_ttl_and_holder() {
     let locks = client(Duration::from_secs(10));
     let user = user();
     let guard = acquired(&locks, &user).await;
     match locks.acquire(&user).await.unwrap() {
-        Acquire::HeldElsewhere { remaining } => {
+        Acquire::HeldElsewhere { remaining, holder } => {
             let remaining = remaining.expect("the lock has a TTL");
             assert!(remaining > Duration::from_secs(8) && remaining <= Duration::from_secs(10));
+            assert_eq!(holder, Some(holder_fingerprint(guard.token())));
         }
         Acquire::Acquired(_) => panic!("two holders of one lock"),
     }
@@ -62,7 +63,10 @@ async fn lock_without_ttl_reports_no_remaining_time() {
     let mut redis = raw().await;
     let _: () = redis.set(lock_key(&user), "outsider").await.unwrap();
     match locks.acquire(&user).await.unwrap() {
-        Acquire::HeldElsewhere { remaining } => assert_eq!(remaining, None),
+        Acquire::HeldElsewhere { remaining, holder } => {
+            assert_eq!(remaining, None);
+            assert_eq!(holder, Some(holder_fingerprint("outsider")));
+        }
         Acquire::Acquired(_) => panic!("acquired a key held from outside"),
     }
     let _: () = redis.del(lock_key(&user)).await.unwrap();

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use im_ingest::consumer::ensure_topics;
+use im_ingest::lock::holder_fingerprint;
 use im_ingest::pipeline::{Outcome, Pipeline, Record};
 use im_ingest::retry::headers::RetryHeaders;
 use im_ingest::worker::build_pipeline;
@@ -43,9 +44,14 @@ async fn setup() -> (WorkerEnv, Pipeline, MySqlPool) {
 }
 
 async fn setup_with_delays(delays_ms: &[u64]) -> (WorkerEnv, Pipeline, MySqlPool) {
+    setup_with(delays_ms, 5).await
+}
+
+async fn setup_with(delays_ms: &[u64], max_attempts: u32) -> (WorkerEnv, Pipeline, MySqlPool) {
     let env = WorkerEnv::new(1);
     let mut settings = env.settings();
     settings.retry.delays_ms = delays_ms.to_vec();
+    settings.retry.max_attempts = max_attempts;
     im_ingest::store::migrate(&settings.database).await.unwrap();
     ensure_topics(&settings).await.unwrap();
     let pipeline = build_pipeline(&settings).await.unwrap();
@@ -147,6 +153,13 @@ async fn record_whose_lock_is_held_elsewhere_goes_once_to_the_first_delay_topic(
     assert_eq!(headers.origin.timestamp, 1_723_268_668_600);
     assert_eq!(headers.origin.consumer_group, env.group);
     assert_eq!(headers.exception_fqcn, "im_ingest::LockHeld");
+    assert_eq!(
+        headers.exception_message,
+        format!(
+            "user lock held elsewhere (holder {})",
+            holder_fingerprint("outsider")
+        )
+    );
     assert_eq!(header(message, "retry_topic-attempts"), Some(&[2u8][..]));
     let now = im_ingest::pipeline::now_millis();
     assert!(
@@ -188,6 +201,76 @@ async fn due_time_is_shortened_to_a_short_remaining_lock_ttl() {
     assert!(
         due >= before + 900 && due <= after + 1_200 + 25,
         "due at {due}, expected 1 to 1.225 s after {before}..{after}"
+    );
+    outside.release().await;
+    pool.close().await;
+    env.drop_database().await;
+}
+
+#[tokio::test]
+async fn last_attempt_dead_letters_if_one_holder_kept_the_lock_and_is_stored_if_it_changed_hands() {
+    // Two attempts in all: the delay record is the last one.
+    let (env, pipeline, pool) = setup_with(&[250], 2).await;
+    let user = unique("contended");
+    let outside = OutsideLock::hold(&user, Some(Duration::from_secs(30))).await;
+    let first = pipeline
+        .process_batch(vec![record(&env.inbound, 3, &payload(&user, "m-last"))])
+        .await
+        .unwrap();
+    assert_eq!(
+        first,
+        [Outcome::Delayed {
+            topic: env.first_delay_topic()
+        }]
+    );
+    let delayed = read_all(&env.first_delay_topic());
+    assert_eq!(delayed.len(), 1);
+
+    // The same holder still has the lock at the last attempt: stuck, dead-lettered.
+    let stuck = pipeline
+        .process_batch(vec![Record::from_message(&delayed[0])])
+        .await
+        .unwrap();
+    assert!(
+        matches!(stuck[0], Outcome::DeadLettered { .. }),
+        "{stuck:?}"
+    );
+    let dead = read_all(&env.dlq);
+    assert_eq!(dead.len(), 1);
+    use rdkafka::Message;
+    let reason = RetryHeaders::from_headers(dead[0].headers().unwrap())
+        .unwrap()
+        .unwrap()
+        .exception_message;
+    assert!(
+        reason.ends_with(&format!("(holder {})", holder_fingerprint("outsider"))),
+        "{reason}"
+    );
+
+    // Another holder has it now: the lock is changing hands, so the record is written
+    // without it (the unique indexes keep it single) instead of being dead-lettered.
+    let mut redis = crate::helpers::redis_connection().await;
+    let _: () = redis::cmd("SET")
+        .arg(&outside.key)
+        .arg("next-holder")
+        .arg("PX")
+        .arg(30_000)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let contended = pipeline
+        .process_batch(vec![Record::from_message(&delayed[0])])
+        .await
+        .unwrap();
+    assert_eq!(contended, [Outcome::Stored]);
+    assert_eq!(read_all(&env.dlq).len(), 1, "no second dead letter");
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT COUNT(*) FROM message WHERE external_message_id = 'm-last'"
+        )
+        .await,
+        1
     );
     outside.release().await;
     pool.close().await;

@@ -62,15 +62,22 @@ const GAUGES: [(&str, &str); 4] = [
     ),
 ];
 
-/// Histograms in seconds: (name, help).
-const HISTOGRAMS: [(&str, &str); 2] = [
+/// Histograms: (name, unit, help).
+const HISTOGRAMS: [(&str, Unit, &str); 3] = [
     (
         "im_ingest_processing_seconds",
+        Unit::Seconds,
         "Time from a record's dispatch to its durable outcome",
     ),
     (
         "im_ingest_retry_lateness_seconds",
+        Unit::Seconds,
         "How long after its due time a delay record was picked up",
+    ),
+    (
+        "im_ingest_batch_size",
+        Unit::Count,
+        "Records of one user processed under one lock hold",
     ),
 ];
 
@@ -103,8 +110,8 @@ pub fn register_all() {
         "im_ingest_consumer_lag",
         "Records behind the partition's end, per topic and partition (librdkafka statistics)"
     );
-    for (name, help) in HISTOGRAMS {
-        describe_histogram!(name, Unit::Seconds, help);
+    for (name, unit, help) in HISTOGRAMS {
+        describe_histogram!(name, unit, help);
         // Taking a handle registers the family; nothing is recorded.
         let _ = metrics::histogram!(name);
     }

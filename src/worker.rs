@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::admin;
 use crate::config::Settings;
@@ -48,10 +48,15 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
         PrometheusBuilder::new()
             // Real histograms (with buckets), not summaries: they aggregate across
-            // instances. Latencies from 1 ms to 30 s.
+            // instances. Latencies from 1 ms to 30 s; batch sizes in powers of two.
             .set_buckets(&[
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
             ])
+            .expect("the bucket list is not empty")
+            .set_buckets_for_metric(
+                Matcher::Full("im_ingest_batch_size".to_string()),
+                &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
+            )
             .expect("the bucket list is not empty")
             .install_recorder()
             .expect("the metrics recorder is installed only here, once")

@@ -22,6 +22,11 @@ use super::tracker::{OffsetTracker, TopicPartition};
 use crate::message::UserKey;
 use crate::pipeline::{Job, Pipeline};
 
+/// Most records of one user processed under one lock hold: enough to save most lock
+/// round trips for a busy user, few enough that the hold (and the other workers'
+/// conflicts with it) stays short.
+pub const MAX_USER_BATCH: usize = 32;
+
 /// A prepared record with its in-flight permit.
 pub struct Work {
     pub job: Job,
@@ -72,52 +77,72 @@ impl<C: ConsumerContext + 'static> Dispatcher<C> {
         tokio::spawn(self.clone().drain(user, work));
     }
 
+    /// Runs the user's records until its queue is empty: the first alone, then whatever
+    /// queued up meanwhile in batches of up to [`MAX_USER_BATCH`] (one lock hold each).
     async fn drain(self: Arc<Self>, user: Option<UserKey>, first: Work) {
-        let mut work = first;
+        let mut batch = vec![first];
         loop {
-            self.run(work).await;
+            self.run(batch).await;
             if user.is_none() {
                 return;
             }
             let mut active = self.active.lock().expect("dispatcher lock poisoned");
-            match active.get_mut(&user).and_then(VecDeque::pop_front) {
-                Some(next) => work = next,
-                None => {
-                    active.remove(&user);
-                    return;
-                }
+            let Some(queue) = active.get_mut(&user) else {
+                return;
+            };
+            if queue.is_empty() {
+                active.remove(&user);
+                return;
             }
+            let take = queue.len().min(MAX_USER_BATCH);
+            batch = queue.drain(..take).collect();
         }
     }
 
-    async fn run(&self, work: Work) {
-        let record = &work.job.record;
-        let tp: TopicPartition = (record.topic.clone(), record.partition);
+    /// Processes one user's batch until every record in it is durable or abandoned.
+    async fn run(&self, mut pending: Vec<Work>) {
         let mut pause = self.backoff.0;
         let started = std::time::Instant::now();
         loop {
-            match self.pipeline.process(&work.job).await {
-                Ok(_) => {
-                    metrics::histogram!("im_ingest_processing_seconds")
-                        .record(started.elapsed().as_secs_f64());
-                    self.complete(&tp, record.offset);
-                    return;
-                }
-                Err(error) => {
-                    if !self.is_assigned(&tp) || self.cancel.is_cancelled() {
-                        tracing::warn!(topic = %tp.0, partition = tp.1, offset = record.offset, error = format!("{error:#}"),
-                            "processing failed; record left to redelivery");
-                        return;
-                    }
-                    tracing::warn!(topic = %tp.0, partition = tp.1, offset = record.offset, error = format!("{error:#}"),
-                        retry_in_ms = pause.as_millis() as u64, "processing failed; retrying");
-                    tokio::select! {
-                        _ = self.cancel.cancelled() => {}
-                        _ = tokio::time::sleep(pause) => {}
-                    }
-                    pause = (pause * 2).min(self.backoff.1);
-                }
+            let results = self
+                .pipeline
+                .process_user_batch(pending.iter().map(|w| &w.job))
+                .await;
+            let done = results.iter().take_while(|r| r.is_ok()).count();
+            let error = results.into_iter().find_map(Result::err);
+            for work in pending.drain(..done) {
+                metrics::histogram!("im_ingest_processing_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                let record = &work.job.record;
+                self.complete(&(record.topic.clone(), record.partition), record.offset);
             }
+            let Some(error) = error else {
+                return;
+            };
+            // Records of revoked partitions are abandoned to their next owner; the rest
+            // are retried while the partition is ours.
+            let cancelled = self.cancel.is_cancelled();
+            pending.retain(|work| {
+                let record = &work.job.record;
+                let keep =
+                    !cancelled && self.is_assigned(&(record.topic.clone(), record.partition));
+                if !keep {
+                    tracing::warn!(topic = %record.topic, partition = record.partition, offset = record.offset,
+                        error = format!("{error:#}"), "processing failed; record left to redelivery");
+                }
+                keep
+            });
+            let Some(head) = pending.first().map(|w| &w.job.record) else {
+                return;
+            };
+            tracing::warn!(topic = %head.topic, partition = head.partition, offset = head.offset,
+                error = format!("{error:#}"), retry_in_ms = pause.as_millis() as u64,
+                "processing failed; retrying");
+            tokio::select! {
+                _ = self.cancel.cancelled() => {}
+                _ = tokio::time::sleep(pause) => {}
+            }
+            pause = (pause * 2).min(self.backoff.1);
         }
     }
 

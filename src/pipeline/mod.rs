@@ -25,7 +25,7 @@ use contention::{changed_hands, lock_held_message};
 pub use degraded::RedisHealth;
 pub use record::{now_millis, Job, Record};
 
-use crate::lock::{Acquire, LockClient};
+use crate::lock::{Acquire, LockClient, LockGuard};
 use crate::message::{ChatMessage, Inbound, UserKey, INVALID_MESSAGE_FQCN};
 use crate::retry::headers::RetryHeaders;
 use crate::retry::policy::{NextStep, RetryPolicy};
@@ -110,8 +110,9 @@ impl Pipeline {
     }
 
     /// Processes a batch: users concurrently, each user's records one at a time in
-    /// batch order. Returns one outcome per record, in input order; stops at the first
-    /// error (see the module guarantee).
+    /// batch order under one lock (see [`Pipeline::process_user_batch`]). Returns one
+    /// outcome per record, in input order; stops at the first error (see the module
+    /// guarantee).
     pub async fn process_batch(&self, records: Vec<Record>) -> anyhow::Result<Vec<Outcome>> {
         let mut by_user: HashMap<Option<UserKey>, Vec<(usize, Job)>> = HashMap::new();
         let count = records.len();
@@ -120,14 +121,23 @@ impl Pipeline {
             by_user.entry(job.user()).or_default().push((index, job));
         }
         let mut tasks = tokio::task::JoinSet::new();
-        for (_, jobs) in by_user {
+        for (user, indexed) in by_user {
             let pipeline = self.clone();
             tasks.spawn(async move {
-                let mut done = Vec::with_capacity(jobs.len());
-                for (index, job) in jobs {
-                    done.push((index, pipeline.process(&job).await?));
-                }
-                anyhow::Ok(done)
+                let (indexes, jobs): (Vec<usize>, Vec<Job>) = indexed.into_iter().unzip();
+                // Records without a user (invalid ones) share nothing: one at a time.
+                let results = match user {
+                    Some(_) => pipeline.process_user_batch(jobs.iter()).await,
+                    None => {
+                        let mut results = Vec::new();
+                        for job in &jobs {
+                            results.push(pipeline.process(job).await);
+                        }
+                        results
+                    }
+                };
+                let outcomes: anyhow::Result<Vec<Outcome>> = results.into_iter().collect();
+                anyhow::Ok(indexes.into_iter().zip(outcomes?).collect::<Vec<_>>())
             });
         }
         let mut outcomes = vec![None; count];
@@ -143,8 +153,48 @@ impl Pipeline {
     }
 
     /// Processes one prepared record; see the module guarantee.
-    #[tracing::instrument(skip_all, fields(topic = %job.record.topic, partition = job.record.partition, offset = job.record.offset))]
     pub async fn process(&self, job: &Job) -> anyhow::Result<Outcome> {
+        let mut results = self.process_user_batch(std::iter::once(job)).await;
+        results.pop().expect("one record, one result")
+    }
+
+    /// Processes records of one user in order, holding the user's lock across them once
+    /// it is taken (one acquisition and one release for the batch, instead of one per
+    /// record). Until it is taken, each message tries it anew, so a conflict delays only
+    /// the records that met it. Returns one result per record, in order, up to and
+    /// including the first error; records after an error are not attempted (the module
+    /// guarantee applies to each).
+    pub async fn process_user_batch<'a>(
+        &self,
+        jobs: impl ExactSizeIterator<Item = &'a Job> + Send,
+    ) -> Vec<anyhow::Result<Outcome>> {
+        metrics::histogram!("im_ingest_batch_size").record(jobs.len() as f64);
+        let mut lock = None;
+        let mut results = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let result = self.process_with(job, &mut lock).await;
+            let failed = result.is_err();
+            results.push(result);
+            if failed {
+                break;
+            }
+        }
+        if let Some(guard) = lock {
+            if let Err(error) = guard.release().await {
+                // The lease expires by itself; the data is already safe either way.
+                tracing::warn!(%error, "releasing the user lock failed");
+            }
+        }
+        results
+    }
+
+    /// One record of a user batch; `lock` is the user's lock once this batch took it.
+    #[tracing::instrument(skip_all, fields(topic = %job.record.topic, partition = job.record.partition, offset = job.record.offset))]
+    async fn process_with(
+        &self,
+        job: &Job,
+        lock: &mut Option<LockGuard>,
+    ) -> anyhow::Result<Outcome> {
         let outcome = match &job.content {
             Err(invalid) => {
                 tracing::warn!(reason = %invalid, "invalid record, dead-lettering it");
@@ -152,13 +202,21 @@ impl Pipeline {
                     .await?
             }
             Ok(Inbound::Read(_)) => Outcome::ReadReceipt,
-            Ok(Inbound::Message(message)) => self.store_under_lock(job, message).await?,
+            Ok(Inbound::Message(message)) => self.store_under_lock(job, message, lock).await?,
         };
         metrics::counter!("im_ingest_records_total", "outcome" => outcome.label()).increment(1);
         Ok(outcome)
     }
 
-    async fn store_under_lock(&self, job: &Job, message: &ChatMessage) -> anyhow::Result<Outcome> {
+    async fn store_under_lock(
+        &self,
+        job: &Job,
+        message: &ChatMessage,
+        lock: &mut Option<LockGuard>,
+    ) -> anyhow::Result<Outcome> {
+        if lock.is_some() {
+            return self.write(job, message).await;
+        }
         if !self.redis_health.should_try_lock(Instant::now()) {
             metrics::counter!("im_ingest_unlocked_writes_total").increment(1);
             return self.write(job, message).await;
@@ -166,12 +224,8 @@ impl Pipeline {
         match self.locks.acquire(&message.user()).await {
             Ok(Acquire::Acquired(guard)) => {
                 self.redis_health.record_success();
-                let written = self.write(job, message).await;
-                if let Err(error) = guard.release().await {
-                    // The lease expires by itself; the data is already safe either way.
-                    tracing::warn!(%error, "releasing the user lock failed");
-                }
-                written
+                *lock = Some(guard);
+                self.write(job, message).await
             }
             Ok(Acquire::HeldElsewhere { remaining, holder }) => {
                 self.redis_health.record_success();

@@ -116,6 +116,7 @@ async fn metrics_list_every_family_when_idle_and_count_a_known_run_exactly() {
         "im_ingest_held_partitions",
         "im_ingest_processing_seconds",
         "im_ingest_retry_lateness_seconds",
+        "im_ingest_batch_size",
     ] {
         assert!(
             idle.contains(family),
@@ -160,8 +161,17 @@ async fn metrics_list_every_family_when_idle_and_count_a_known_run_exactly() {
         value(r#"im_ingest_dead_letters_total{reason="im_ingest::InvalidMessage"}"#),
         2.0
     );
-    assert_eq!(value("im_ingest_lock_acquisitions_total"), 10.0);
     assert_eq!(value("im_ingest_processing_seconds_count"), 13.0);
+    // Each record went through exactly one batch; the two poison records alone (they
+    // have no user), the customer's eleven in however many batches they queued up in.
+    // A batch with a message takes the lock once: at most one acquisition per batch.
+    assert_eq!(value("im_ingest_batch_size_sum"), 13.0);
+    let batches = value("im_ingest_batch_size_count");
+    let acquisitions = value("im_ingest_lock_acquisitions_total");
+    assert!(
+        (3.0..=13.0).contains(&batches) && (1.0..=batches - 2.0).contains(&acquisitions),
+        "{batches} batches, {acquisitions} lock acquisitions"
+    );
     assert_eq!(value("im_ingest_in_flight"), 0.0);
     drop(worker);
     pool.close().await;

@@ -276,3 +276,47 @@ async fn last_attempt_dead_letters_if_one_holder_kept_the_lock_and_is_stored_if_
     pool.close().await;
     env.drop_database().await;
 }
+
+#[tokio::test]
+async fn five_messages_of_one_user_in_one_batch_take_and_release_the_lock_once() {
+    // A Redis of its own, so its command counts are this test's alone.
+    let redis = crate::faults::PrivateRedis::start();
+    let env = WorkerEnv::new(1);
+    let mut settings = env.settings();
+    settings.redis.url = im_ingest::secret::SecretUrl::new(redis.url());
+    im_ingest::store::migrate(&settings.database).await.unwrap();
+    ensure_topics(&settings).await.unwrap();
+    let pipeline = build_pipeline(&settings).await.unwrap();
+    let user = unique("batched");
+    let records = (0..5)
+        .map(|n| record(&env.inbound, n, &payload(&user, &format!("b{n}"))))
+        .collect();
+    let outcomes = pipeline.process_batch(records).await.unwrap();
+    assert_eq!(outcomes, vec![Outcome::Stored; 5]);
+
+    let mut connection = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let calls = |command: &str| -> u64 {
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+            .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+    };
+    assert_eq!(calls("set"), 1, "one acquisition for the batch:\n{stats}");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("im:lock:*")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert!(keys.is_empty(), "the lock was not released: {keys:?}");
+    pipeline.pool.close().await;
+    env.drop_database().await;
+}

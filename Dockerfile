@@ -18,6 +18,22 @@ COPY migrations ./migrations
 COPY examples ./examples
 RUN cargo build --release --locked --bin im-ingest
 
+# The integration suite, for `docker compose --profile test run --rm tests`: the source
+# with its tests, built once, plus redis-server for the tests that start a private Redis.
+# Not part of the runtime image (a separate target; the last stage is the default).
+FROM builder AS test
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends redis-server redis-tools \
+ && rm -rf /var/lib/apt/lists/*
+COPY tests ./tests
+RUN cargo test --locked --features failpoints --no-run
+ENV IM_TEST_KAFKA_BROKERS=kafka:19092 \
+    IM_TEST_MYSQL_URL=mysql://root@mysql:3306 \
+    IM_TEST_REDIS_URL=redis://redis:6379
+# The stack-script tests drive scripts/stack.sh, which manages services on this
+# machine's loopback, not the compose services: they are skipped here.
+CMD ["cargo", "test", "--locked", "--features", "failpoints", "--lib", "--tests", "--", "--skip", "stack_script::"]
+
 FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates libssl3 \

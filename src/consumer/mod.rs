@@ -9,12 +9,9 @@
 //! At shutdown, fetching stops, in-flight work gets up to the deadline to finish, and the
 //! stored offsets are committed synchronously. Assignment is cooperative-sticky.
 //!
-//! Backpressure: when `worker.max_in_flight` records are in flight (e.g. the database is
-//! down and each waits for it with capped backoff), every partition is paused while
-//! `recv()` keeps being called, so the group keeps this member (no rebalance); when
-//! records finish, the partitions are sought back to the first record not received and
-//! resumed.
+//! Backpressure when `worker.max_in_flight` records are in flight: see `backpressure`.
 
+mod backpressure;
 mod dispatch;
 mod hold;
 mod topics;
@@ -155,51 +152,6 @@ fn release_due<C: ConsumerContext>(consumer: &StreamConsumer<C>, held: &Mutex<He
     }
 }
 
-/// Pauses every assigned partition; returns them.
-fn pause_all<C: ConsumerContext>(consumer: &StreamConsumer<C>) -> TopicPartitionList {
-    let assigned = consumer.assignment().unwrap_or_default();
-    if let Err(error) = consumer.pause(&assigned) {
-        tracing::warn!(%error, "pausing partitions for backpressure failed");
-    }
-    metrics::gauge!("im_ingest_backpressure").set(1.0);
-    assigned
-}
-
-/// Resumes what [`pause_all`] paused — except delay partitions still held for a due
-/// time — each sought back to the first record not yet received (pausing discarded
-/// what was fetched past it).
-fn resume_after_backpressure<C: ConsumerContext>(
-    consumer: &StreamConsumer<C>,
-    tracker: &Mutex<OffsetTracker>,
-    held: &Mutex<HeldPartitions>,
-    paused: TopicPartitionList,
-) {
-    let assigned = consumer.assignment().unwrap_or_default();
-    let mut resume = TopicPartitionList::new();
-    for element in paused.elements() {
-        let tp: TopicPartition = (element.topic().to_string(), element.partition());
-        let still_assigned = assigned.find_partition(&tp.0, tp.1).is_some();
-        if !still_assigned || held.lock().expect("held lock poisoned").is_held(&tp) {
-            continue;
-        }
-        let next = tracker
-            .lock()
-            .expect("tracker lock poisoned")
-            .next_offset(&tp);
-        // Nothing received since assignment: start again from the committed offset.
-        let offset = next.map(Offset::Offset).unwrap_or(Offset::Stored);
-        if let Err(error) = consumer.seek(&tp.0, tp.1, offset, SEEK_TIMEOUT) {
-            tracing::warn!(%error, topic = %tp.0, partition = tp.1, "seeking back after backpressure failed");
-        }
-        resume.add_partition(&tp.0, tp.1);
-    }
-    if let Err(error) = consumer.resume(&resume) {
-        tracing::warn!(%error, "resuming partitions after backpressure failed");
-    }
-    metrics::gauge!("im_ingest_backpressure").set(0.0);
-    tracing::info!("in-flight records finished: partitions resumed");
-}
-
 /// Completes at `due` (epoch ms); never when there is nothing to wait for.
 async fn sleep_until_epoch_ms(due: Option<i64>) {
     match due {
@@ -277,36 +229,15 @@ pub async fn run(
     let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
     'consume: loop {
         health.beat();
-        let permit = match permits.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                // Full (e.g. the database is down and every record waits for it): pause
-                // every partition but keep polling, so the group keeps this member and
-                // no rebalance moves the partitions around.
-                let paused = pause_all(&consumer);
-                tracing::warn!(
-                    max_in_flight,
-                    "in-flight limit reached: partitions paused until records finish"
-                );
-                let permit = loop {
-                    tokio::select! {
-                        _ = &mut shutdown => break 'consume,
-                        _ = heartbeat.tick() => health.beat(),
-                        permit = permits.clone().acquire_owned() => {
-                            break permit.context("in-flight semaphore closed")?
-                        }
-                        message = consumer.recv() => {
-                            // Fetched before the pause: dropped, fetched again after the
-                            // seek back (it was never tracked).
-                            if let Err(error) = message {
-                                tracing::warn!(%error, "Kafka consumer error");
-                            }
-                        }
-                    }
-                };
-                resume_after_backpressure(&consumer, &tracker, &held, paused);
-                permit
-            }
+        let mut backpressure = backpressure::Loop {
+            consumer: &consumer,
+            tracker: &tracker,
+            held: &held,
+            health: &health,
+            heartbeat: &mut heartbeat,
+        };
+        let Some(permit) = backpressure.acquire(&permits, shutdown.as_mut()).await? else {
+            break 'consume;
         };
         // Wait for a record, waking held delay partitions when they fall due.
         let message = loop {

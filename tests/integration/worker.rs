@@ -400,3 +400,30 @@ async fn committed_offset_never_passes_a_record_blocked_in_the_database() {
     pool.close().await;
     env.drop_database().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_ten_times_the_in_flight_limit_drains_without_pausing_partitions() {
+    // Slots free up within milliseconds while a healthy backlog drains, so the loop
+    // waits for them instead of pausing (which would discard prefetched records and
+    // fetch them again). Pausing is for long waits, such as a database outage.
+    let env = WorkerEnv::new(3).with("WORKER__MAX_IN_FLIGHT", "20");
+    let run = unique("backlog");
+    create_topics(&env).await;
+    let producer = producer();
+    for i in 0..200 {
+        let value = payload(&format!("{run}-c{}", i % 10), &format!("{run}-m{i}"));
+        produce(&producer, &env.inbound, None, value.as_bytes()).await;
+    }
+    let (worker, pool) = start(&env).await;
+    wait_until_all_committed(&env, &worker).await;
+    let sql = format!("SELECT COUNT(*) FROM message WHERE external_message_id LIKE '{run}-%'");
+    assert_eq!(count(&pool, &sql).await, 200);
+    let log = worker.log_text();
+    assert!(
+        !log.contains("partitions paused"),
+        "a draining backlog paused the partitions:\n{log}"
+    );
+    drop(worker);
+    pool.close().await;
+    env.drop_database().await;
+}

@@ -34,6 +34,20 @@ async fn push(topic: &str, run: &str, from: usize, to: usize, customers: usize, 
     }
 }
 
+/// How much the members met on users' locks: records sent to delay topics, and last
+/// attempts written without a lock that kept changing hands (as the members logged it).
+fn contention_report(env: &WorkerEnv, members: &[&WorkerProcess]) -> String {
+    let delayed: usize = [250, 1000, 4000, 16000]
+        .iter()
+        .map(|d| read_all(&env.delay_topic(*d)).len())
+        .sum();
+    let contended: usize = members
+        .iter()
+        .map(|w| w.log_text().matches("lock changed hands").count())
+        .sum();
+    format!("{delayed} delay records, {contended} last attempts written without a changing lock")
+}
+
 /// Waits (bounded) until `sql` counts at least `at_least`, polling often so the caller
 /// acts close to that point.
 async fn wait_for_progress(pool: &MySqlPool, sql: &str, at_least: i64, worker: &WorkerProcess) {
@@ -137,6 +151,10 @@ async fn a_fourth_worker_joining_three_mid_run_loses_and_doubles_nothing_of_twen
         rebalanced,
         "no member saw a revoke: the test did not exercise a rebalance"
     );
+    eprintln!(
+        "fourth worker joined; {}",
+        contention_report(&env, &[&first, &second, &third, &fourth])
+    );
     drop((first, second, third, fourth));
     pool.close().await;
     env.drop_database().await;
@@ -183,17 +201,9 @@ async fn a_worker_killed_mid_run_and_replaced_loses_and_doubles_nothing_of_twent
     assert_eq!(count(&pool, &progress).await, 10_000);
     assert_eq!(count(&pool, "SELECT COUNT(*) FROM customer").await, 500);
     assert_eq!(count(&pool, "SELECT COUNT(*) FROM session").await, 500);
-    let delayed: usize = [250, 1000, 4000, 16000]
-        .iter()
-        .map(|d| read_all(&env.delay_topic(*d)).len())
-        .sum();
-    let contended: usize = [&first, &third, &replacement]
-        .iter()
-        .map(|w| w.log_text().matches("lock changed hands").count())
-        .sum();
     eprintln!(
-        "killed one of three workers at {stored_at_kill} of 10,000 messages stored; \
-         {delayed} delay records; {contended} last attempts written without a changing lock"
+        "killed one of three workers at {stored_at_kill} of 10,000 messages stored; {}",
+        contention_report(&env, &[&first, &third, &replacement])
     );
     drop((first, third, replacement));
     pool.close().await;

@@ -9,7 +9,7 @@
 //! partition is sought back to its first record not tracked (librdkafka resumes after
 //! the last record it delivered, so without the seek the dropped ones would be skipped).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -109,12 +109,18 @@ impl<C: ConsumerContext + 'static> Loop<'_, C> {
     /// Resumes what [`Loop::pause_all`] paused — except delay partitions still held for
     /// a due time — each sought back to its first record not tracked: one past the last
     /// tracked, else the lowest dropped; a partition with neither delivered nothing, so
-    /// it resumes where it was.
+    /// it resumes where it was. Partitions assigned during the pause were never paused,
+    /// but records of theirs may have been dropped too: they are sought back as well.
     fn resume(&self, paused: TopicPartitionList, dropped: &HashMap<TopicPartition, i64>) {
         let assigned = self.consumer.assignment().unwrap_or_default();
+        let mut partitions: BTreeSet<TopicPartition> = paused
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_string(), e.partition()))
+            .collect();
+        partitions.extend(dropped.keys().cloned());
         let mut resume = TopicPartitionList::new();
-        for element in paused.elements() {
-            let tp: TopicPartition = (element.topic().to_string(), element.partition());
+        for tp in partitions {
             let still_assigned = assigned.find_partition(&tp.0, tp.1).is_some();
             if !still_assigned || self.held.lock().expect("held lock poisoned").is_held(&tp) {
                 continue;

@@ -149,6 +149,7 @@ impl LockClient {
             token,
             lost,
             keeper,
+            acquired_at: std::time::Instant::now(),
         }
     }
 
@@ -188,9 +189,15 @@ pub struct LockGuard {
     token: String,
     lost: Arc<AtomicBool>,
     keeper: tokio::task::JoinHandle<()>,
+    acquired_at: std::time::Instant,
 }
 
 impl LockGuard {
+    /// How long this holder has had the lock.
+    pub fn held_for(&self) -> Duration {
+        self.acquired_at.elapsed()
+    }
+
     pub fn key(&self) -> &str {
         &self.key
     }

@@ -32,6 +32,16 @@ use crate::retry::policy::{NextStep, RetryPolicy};
 use crate::retry::publish::Publisher;
 use crate::store::{write_message, Provenance, WriteOutcome};
 
+/// Gives a batch's lock back. A failure only leaves the key to expire with its lease; the
+/// data is safe either way.
+async fn release(lock: Option<LockGuard>) {
+    if let Some(guard) = lock {
+        if let Err(error) = guard.release().await {
+            tracing::warn!(%error, "releasing the user lock failed");
+        }
+    }
+}
+
 /// Error class of records whose user lock stayed held through every attempt.
 pub const LOCK_HELD_FQCN: &str = "im_ingest::LockHeld";
 
@@ -161,17 +171,26 @@ impl Pipeline {
     /// Processes records of one user in order, holding the user's lock across them once
     /// it is taken (one acquisition and one release for the batch, instead of one per
     /// record). Until it is taken, each message tries it anew, so a conflict delays only
-    /// the records that met it. Returns one result per record, in order, up to and
-    /// including the first error; records after an error are not attempted (the module
-    /// guarantee applies to each).
+    /// the records that met it. A hold ends after a quarter of the lease and the lock is
+    /// taken anew for the rest: a record of this user delayed elsewhere waits longer than
+    /// that before its last attempt (with the default delays: 16 s, or the holder's
+    /// remaining lease, which its keeper keeps above two thirds), so it never meets one
+    /// busy holder at both of its last two attempts — which would read as a stuck lock
+    /// and dead-letter it (see `contention`). Returns one
+    /// result per record, in order, up to and including the first error; records after
+    /// an error are not attempted (the module guarantee applies to each).
     pub async fn process_user_batch<'a>(
         &self,
         jobs: impl ExactSizeIterator<Item = &'a Job> + Send,
     ) -> Vec<anyhow::Result<Outcome>> {
         metrics::histogram!("im_ingest_batch_size").record(jobs.len() as f64);
-        let mut lock = None;
+        let longest_hold = self.locks.lease() / 4;
+        let mut lock: Option<LockGuard> = None;
         let mut results = Vec::with_capacity(jobs.len());
         for job in jobs {
+            if lock.as_ref().is_some_and(|g| g.held_for() >= longest_hold) {
+                release(lock.take()).await;
+            }
             let result = self.process_with(job, &mut lock).await;
             let failed = result.is_err();
             results.push(result);
@@ -179,12 +198,7 @@ impl Pipeline {
                 break;
             }
         }
-        if let Some(guard) = lock {
-            if let Err(error) = guard.release().await {
-                // The lease expires by itself; the data is already safe either way.
-                tracing::warn!(%error, "releasing the user lock failed");
-            }
-        }
+        release(lock).await;
         results
     }
 

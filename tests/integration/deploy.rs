@@ -9,7 +9,7 @@ use rdkafka::Message;
 use sqlx::MySqlPool;
 
 use crate::helpers::{redis_connection, unique, WorkerEnv, WorkerProcess};
-use crate::kafka_util::{committed, message_id_of, produce, producer, read_all};
+use crate::kafka_util::{committed, header, message_id_of, produce, producer, read_all};
 use crate::pipeline::payload;
 use crate::worker::{count, start, wait_until_all_committed, WAIT};
 
@@ -32,6 +32,25 @@ async fn push(topic: &str, run: &str, from: usize, to: usize, customers: usize, 
     for task in tasks {
         task.await.unwrap();
     }
+}
+
+/// Every record here is valid: a dead letter is a failure; its id and reason are shown.
+fn assert_nothing_dead_lettered(env: &WorkerEnv) {
+    let dead: Vec<(String, String)> = read_all(&env.dlq)
+        .iter()
+        .map(|r| {
+            let reason = header(r, "kafka_dlt-exception-message").unwrap_or_default();
+            (
+                message_id_of(r),
+                String::from_utf8_lossy(reason).into_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        dead.is_empty(),
+        "{} valid records dead-lettered: {dead:?}",
+        dead.len()
+    );
 }
 
 /// How much the members met on users' locks: records sent to delay topics, and last
@@ -139,8 +158,7 @@ async fn a_fourth_worker_joining_three_mid_run_loses_and_doubles_nothing_of_twen
     for delay in [250, 1000, 4000, 16000] {
         crate::worker::wait_until_topic_committed(&env, &env.delay_topic(delay), &first).await;
     }
-    let dead = read_all(&env.dlq).len();
-    assert_eq!(dead, 0, "{dead} valid records dead-lettered");
+    assert_nothing_dead_lettered(&env);
     assert_eq!(count(&pool, &progress).await, 10_000);
     assert_eq!(count(&pool, "SELECT COUNT(*) FROM customer").await, 500);
     assert_eq!(count(&pool, "SELECT COUNT(*) FROM session").await, 500);
@@ -191,12 +209,7 @@ async fn a_worker_killed_mid_run_and_replaced_loses_and_doubles_nothing_of_twent
         stored_at_kill < 10_000,
         "the run finished before the kill; make it longer"
     );
-    let dead: Vec<String> = read_all(&env.dlq).iter().map(message_id_of).collect();
-    assert!(
-        dead.is_empty(),
-        "{} valid records dead-lettered: {dead:?}",
-        dead.len()
-    );
+    assert_nothing_dead_lettered(&env);
     assert_eq!(crate::worker::stored_message_ids(&pool).await.len(), 10_000);
     assert_eq!(count(&pool, &progress).await, 10_000);
     assert_eq!(count(&pool, "SELECT COUNT(*) FROM customer").await, 500);

@@ -29,11 +29,24 @@ pub async fn build_pipeline(settings: &Settings) -> anyhow::Result<Pipeline> {
         Duration::from_millis(settings.lock.lease_ms),
     )?;
     let publisher = Publisher::new(&settings.kafka)?;
+    let policy = RetryPolicy::from_settings(&settings.retry);
+    let longest_hold = locks.longest_hold();
+    if let Some(last) = policy.delay_before_last_attempt() {
+        if last < longest_hold {
+            tracing::warn!(
+                last_delay_ms = last.as_millis() as u64,
+                longest_hold_ms = longest_hold.as_millis() as u64,
+                "the delay before a record's last attempt is shorter than a quarter of the \
+                 lock lease: a busy holder may be taken for a stuck one and valid records \
+                 dead-lettered"
+            );
+        }
+    }
     Ok(Pipeline::new(
         pool,
         locks,
         publisher,
-        RetryPolicy::from_settings(&settings.retry),
+        policy,
         settings.kafka.retry_topic.clone(),
         settings.kafka.dlq_topic.clone(),
         settings.kafka.group_id.clone(),

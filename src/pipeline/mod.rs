@@ -184,7 +184,7 @@ impl Pipeline {
         jobs: impl ExactSizeIterator<Item = &'a Job> + Send,
     ) -> Vec<anyhow::Result<Outcome>> {
         metrics::histogram!("im_ingest_batch_size").record(jobs.len() as f64);
-        let longest_hold = self.locks.lease() / 4;
+        let longest_hold = self.locks.longest_hold();
         let mut lock: Option<LockGuard> = None;
         let mut results = Vec::with_capacity(jobs.len());
         for job in jobs {

@@ -65,6 +65,17 @@ impl RetryPolicy {
             .collect()
     }
 
+    /// The configured delay before a record's last attempt, if it has more than one.
+    /// A busy holder keeps a user's lock up to a quarter of the lease; a shorter last
+    /// delay can meet it twice and read it as stuck (see `pipeline::contention`).
+    pub fn delay_before_last_attempt(&self) -> Option<Duration> {
+        let retries = self.max_attempts.checked_sub(1).filter(|r| *r > 0)? as usize;
+        let last = self
+            .delays
+            .get((retries - 1).min(self.delays.len().checked_sub(1)?))?;
+        Some(*last)
+    }
+
     /// `attempts`: deliveries so far, the failed one included (1 for a main-topic record).
     /// `lock_remaining`: the holder's TTL, if known. `unit_random`: a value in [0, 1).
     pub fn next(
@@ -109,6 +120,18 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    #[test]
+    fn the_delay_before_the_last_attempt_is_that_of_the_last_hop() {
+        let mut p = policy();
+        assert_eq!(p.delay_before_last_attempt(), Some(ms(16000)));
+        p.max_attempts = 3;
+        assert_eq!(p.delay_before_last_attempt(), Some(ms(1000)));
+        p.max_attempts = 9; // beyond the list: the last delay repeats
+        assert_eq!(p.delay_before_last_attempt(), Some(ms(16000)));
+        p.max_attempts = 1;
+        assert_eq!(p.delay_before_last_attempt(), None);
     }
 
     #[test]

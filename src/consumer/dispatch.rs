@@ -87,15 +87,16 @@ impl<C: ConsumerContext + 'static> Dispatcher<C> {
                 return;
             }
             let mut active = self.active.lock().expect("dispatcher lock poisoned");
-            let Some(queue) = active.get_mut(&user) else {
-                return;
-            };
-            if queue.is_empty() {
-                active.remove(&user);
-                return;
+            match active.get_mut(&user) {
+                Some(queue) if !queue.is_empty() => {
+                    let take = queue.len().min(MAX_USER_BATCH);
+                    batch = queue.drain(..take).collect();
+                }
+                _ => {
+                    active.remove(&user);
+                    return;
+                }
             }
-            let take = queue.len().min(MAX_USER_BATCH);
-            batch = queue.drain(..take).collect();
         }
     }
 

@@ -131,21 +131,11 @@ impl Pipeline {
             by_user.entry(job.user()).or_default().push((index, job));
         }
         let mut tasks = tokio::task::JoinSet::new();
-        for (user, indexed) in by_user {
+        for (_, indexed) in by_user {
             let pipeline = self.clone();
             tasks.spawn(async move {
                 let (indexes, jobs): (Vec<usize>, Vec<Job>) = indexed.into_iter().unzip();
-                // Records without a user (invalid ones) share nothing: one at a time.
-                let results = match user {
-                    Some(_) => pipeline.process_user_batch(jobs.iter()).await,
-                    None => {
-                        let mut results = Vec::new();
-                        for job in &jobs {
-                            results.push(pipeline.process(job).await);
-                        }
-                        results
-                    }
-                };
+                let results = pipeline.process_user_batch(jobs.iter()).await;
                 let outcomes: anyhow::Result<Vec<Outcome>> = results.into_iter().collect();
                 anyhow::Ok(indexes.into_iter().zip(outcomes?).collect::<Vec<_>>())
             });
@@ -176,9 +166,9 @@ impl Pipeline {
     /// that before its last attempt (with the default delays: 16 s, or the holder's
     /// remaining lease, which its keeper keeps above two thirds), so it never meets one
     /// busy holder at both of its last two attempts — which would read as a stuck lock
-    /// and dead-letter it (see `contention`). Returns one
-    /// result per record, in order, up to and including the first error; records after
-    /// an error are not attempted (the module guarantee applies to each).
+    /// and dead-letter it (see `contention`). Returns one result per record, in order,
+    /// up to and including the first error; records after an error are not attempted
+    /// (the module guarantee applies to each).
     pub async fn process_user_batch<'a>(
         &self,
         jobs: impl ExactSizeIterator<Item = &'a Job> + Send,

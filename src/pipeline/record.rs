@@ -75,19 +75,19 @@ impl Job {
             Some(headers) if headers.count() > 0 => RetryHeaders::from_headers(headers),
             _ => Ok(None),
         };
-        let mut previous_holder = None;
-        let (origin, attempts, due_at, header_error) = match retry {
-            Ok(Some(h)) => {
-                if h.exception_fqcn == LOCK_HELD_FQCN {
-                    previous_holder = holder_in(&h.exception_message).map(str::to_string);
-                }
-                (
-                    h.origin,
-                    u32::try_from(h.attempts.max(1)).unwrap_or(u32::MAX),
-                    Some(h.backoff_timestamp),
-                    None,
-                )
+        let previous_holder = match &retry {
+            Ok(Some(h)) if h.exception_fqcn == LOCK_HELD_FQCN => {
+                holder_in(&h.exception_message).map(str::to_string)
             }
+            _ => None,
+        };
+        let (origin, attempts, due_at, header_error) = match retry {
+            Ok(Some(h)) => (
+                h.origin,
+                u32::try_from(h.attempts.max(1)).unwrap_or(u32::MAX),
+                Some(h.backoff_timestamp),
+                None,
+            ),
             Ok(None) => (own_origin, 1, None, None),
             Err(reason) => (own_origin, 1, None, Some(reason)),
         };

@@ -69,11 +69,14 @@ impl RetryPolicy {
     /// A busy holder keeps a user's lock up to a quarter of the lease; a shorter last
     /// delay can meet it twice and read it as stuck (see `pipeline::contention`).
     pub fn delay_before_last_attempt(&self) -> Option<Duration> {
-        let retries = self.max_attempts.checked_sub(1).filter(|r| *r > 0)? as usize;
-        let last = self
-            .delays
-            .get((retries - 1).min(self.delays.len().checked_sub(1)?))?;
-        Some(*last)
+        self.delay_after(self.max_attempts.checked_sub(1).filter(|n| *n > 0)?)
+    }
+
+    /// The configured delay after failed delivery number `attempts` (1-based): the n-th
+    /// delay, the last one for any further; `None` without delays.
+    fn delay_after(&self, attempts: u32) -> Option<Duration> {
+        let index = (attempts.max(1) as usize - 1).min(self.delays.len().checked_sub(1)?);
+        Some(self.delays[index])
     }
 
     /// `attempts`: deliveries so far, the failed one included (1 for a main-topic record).
@@ -84,11 +87,10 @@ impl RetryPolicy {
         lock_remaining: Option<Duration>,
         unit_random: f64,
     ) -> NextStep {
-        if attempts >= self.max_attempts || self.delays.is_empty() {
-            return NextStep::DeadLetter { attempts };
-        }
-        let index = (attempts as usize - 1).min(self.delays.len() - 1);
-        let delay = self.delays[index];
+        let delay = match self.delay_after(attempts) {
+            Some(delay) if attempts < self.max_attempts => delay,
+            _ => return NextStep::DeadLetter { attempts },
+        };
         let spread = 1.0 + self.jitter * unit_random.clamp(0.0, 1.0);
         let jittered = delay.mul_f64(spread);
         // The same jitter on a TTL-shortened wait: records waiting for one lock to expire

@@ -3,8 +3,6 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-#[allow(unused_imports)]
-use rdkafka::message::Headers;
 use rdkafka::Message;
 use sqlx::MySqlPool;
 
@@ -65,6 +63,60 @@ fn contention_report(env: &WorkerEnv, members: &[&WorkerProcess]) -> String {
         .map(|w| w.log_text().matches("lock changed hands").count())
         .sum();
     format!("{delayed} delay records, {contended} last attempts written without a changing lock")
+}
+
+/// A run of the group tests: three workers of one group on six partitions, and the
+/// query counting the run's stored messages.
+struct GroupRun {
+    env: WorkerEnv,
+    run: String,
+    pool: MySqlPool,
+    progress: String,
+}
+
+async fn three_workers(prefix: &str) -> (GroupRun, [WorkerProcess; 3]) {
+    let env = WorkerEnv::new(6);
+    let run = unique(prefix);
+    crate::worker::create_topics(&env).await;
+    let (first, pool) = start(&env).await;
+    let workers = [
+        first,
+        WorkerProcess::start(&env),
+        WorkerProcess::start(&env),
+    ];
+    let progress = format!("SELECT COUNT(*) FROM message WHERE external_message_id LIKE '{run}-%'");
+    let group = GroupRun {
+        env,
+        run,
+        pool,
+        progress,
+    };
+    (group, workers)
+}
+
+impl GroupRun {
+    /// Waits until the inbound and every delay topic are committed (delay records only
+    /// move to later topics, so checking them in order sees every one), then checks
+    /// the 10,000 messages of 500 customers are each stored once and nothing is
+    /// dead-lettered. `witness`'s log is shown if a wait times out.
+    async fn assert_every_message_stored_once(&self, witness: &WorkerProcess) {
+        wait_until_all_committed(&self.env, witness).await;
+        for delay in [250, 1000, 4000, 16000] {
+            let topic = self.env.delay_topic(delay);
+            crate::worker::wait_until_topic_committed(&self.env, &topic, witness).await;
+        }
+        assert_nothing_dead_lettered(&self.env);
+        let pool = &self.pool;
+        assert_eq!(crate::worker::stored_message_ids(pool).await.len(), 10_000);
+        assert_eq!(count(pool, &self.progress).await, 10_000);
+        assert_eq!(count(pool, "SELECT COUNT(*) FROM customer").await, 500);
+        assert_eq!(count(pool, "SELECT COUNT(*) FROM session").await, 500);
+    }
+
+    async fn clean_up(self) {
+        self.pool.close().await;
+        self.env.drop_database().await;
+    }
 }
 
 /// Waits (bounded) until `sql` counts at least `at_least`, polling often so the caller
@@ -141,27 +193,15 @@ async fn sigterm_mid_batch_exits_zero_with_committed_offsets_equal_to_what_is_du
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fourth_worker_joining_three_mid_run_loses_and_doubles_nothing_of_twenty_thousand_records(
 ) {
-    let env = WorkerEnv::new(6);
-    let run = unique("group");
-    crate::worker::create_topics(&env).await;
-    let (first, pool) = start(&env).await;
-    let second = WorkerProcess::start(&env);
-    let third = WorkerProcess::start(&env);
-    let progress = format!("SELECT COUNT(*) FROM message WHERE external_message_id LIKE '{run}-%'");
+    let (group, [first, second, third]) = three_workers("group").await;
+    let (env, run) = (&group.env, &group.run);
 
     // 10,000 messages of 500 customers, each twice: 20,000 records, in two halves.
-    push(&env.inbound, &run, 0, 5_000, 500, 2).await;
-    let fourth = WorkerProcess::start(&env); // joins mid-run: a rebalance
-    push(&env.inbound, &run, 5_000, 10_000, 500, 2).await;
+    push(&env.inbound, run, 0, 5_000, 500, 2).await;
+    let fourth = WorkerProcess::start(env); // joins mid-run: a rebalance
+    push(&env.inbound, run, 5_000, 10_000, 500, 2).await;
 
-    wait_until_all_committed(&env, &first).await;
-    for delay in [250, 1000, 4000, 16000] {
-        crate::worker::wait_until_topic_committed(&env, &env.delay_topic(delay), &first).await;
-    }
-    assert_nothing_dead_lettered(&env);
-    assert_eq!(count(&pool, &progress).await, 10_000);
-    assert_eq!(count(&pool, "SELECT COUNT(*) FROM customer").await, 500);
-    assert_eq!(count(&pool, "SELECT COUNT(*) FROM session").await, 500);
+    group.assert_every_message_stored_once(&first).await;
     let rebalanced = [&first, &second, &third]
         .iter()
         .any(|w| w.log_text().contains("partitions revoked"));
@@ -171,54 +211,39 @@ async fn a_fourth_worker_joining_three_mid_run_loses_and_doubles_nothing_of_twen
     );
     eprintln!(
         "fourth worker joined; {}",
-        contention_report(&env, &[&first, &second, &third, &fourth])
+        contention_report(env, &[&first, &second, &third, &fourth])
     );
     drop((first, second, third, fourth));
-    pool.close().await;
-    env.drop_database().await;
+    group.clean_up().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_run_and_replaced_loses_and_doubles_nothing_of_twenty_thousand_records()
 {
-    let env = WorkerEnv::new(6);
-    let run = unique("kill");
-    crate::worker::create_topics(&env).await;
-    let (first, pool) = start(&env).await;
-    let victim = WorkerProcess::start(&env);
-    let third = WorkerProcess::start(&env);
-    let progress = format!("SELECT COUNT(*) FROM message WHERE external_message_id LIKE '{run}-%'");
+    let (group, [first, victim, third]) = three_workers("kill").await;
+    let (env, pool) = (&group.env, &group.pool);
 
     // 10,000 messages of 500 customers, each twice: 20,000 records; the kill comes
     // while they are still arriving.
     let pushing = tokio::spawn({
-        let (topic, run) = (env.inbound.clone(), run.clone());
+        let (topic, run) = (env.inbound.clone(), group.run.clone());
         async move { push(&topic, &run, 0, 10_000, 500, 2).await }
     });
-    wait_for_progress(&pool, &progress, 2_000, &first).await;
-    let stored_at_kill = count(&pool, &progress).await;
+    wait_for_progress(pool, &group.progress, 2_000, &first).await;
+    let stored_at_kill = count(pool, &group.progress).await;
     drop(victim); // SIGKILL: no shutdown, its locks stay until their lease ends
-    let replacement = WorkerProcess::start(&env);
+    let replacement = WorkerProcess::start(env);
     pushing.await.unwrap();
 
-    wait_until_all_committed(&env, &first).await;
-    for delay in [250, 1000, 4000, 16000] {
-        crate::worker::wait_until_topic_committed(&env, &env.delay_topic(delay), &first).await;
-    }
+    group.assert_every_message_stored_once(&first).await;
     assert!(
         stored_at_kill < 10_000,
         "the run finished before the kill; make it longer"
     );
-    assert_nothing_dead_lettered(&env);
-    assert_eq!(crate::worker::stored_message_ids(&pool).await.len(), 10_000);
-    assert_eq!(count(&pool, &progress).await, 10_000);
-    assert_eq!(count(&pool, "SELECT COUNT(*) FROM customer").await, 500);
-    assert_eq!(count(&pool, "SELECT COUNT(*) FROM session").await, 500);
     eprintln!(
         "killed one of three workers at {stored_at_kill} of 10,000 messages stored; {}",
-        contention_report(&env, &[&first, &third, &replacement])
+        contention_report(env, &[&first, &third, &replacement])
     );
     drop((first, third, replacement));
-    pool.close().await;
-    env.drop_database().await;
+    group.clean_up().await;
 }

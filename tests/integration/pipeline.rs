@@ -277,12 +277,12 @@ async fn last_attempt_dead_letters_if_one_holder_kept_the_lock_and_is_stored_if_
     env.drop_database().await;
 }
 
-/// A pipeline on a Redis of its own (so its command counts are the test's alone) with
-/// the given lock lease.
-async fn setup_with_private_redis(
-    redis: &crate::faults::PrivateRedis,
-    lease_ms: u64,
-) -> (WorkerEnv, Pipeline) {
+/// Stores `count` messages of one new user in one batch, through a pipeline whose lock
+/// lease is `lease_ms` on a Redis of its own (so the command counts are this batch's
+/// alone). Returns how often Redis ran `SET` (lock acquisitions) and the lock keys
+/// left afterwards.
+async fn lock_traffic_of_one_user_batch(count: i64, lease_ms: u64) -> (u64, Vec<String>) {
+    let redis = crate::faults::PrivateRedis::start();
     let env = WorkerEnv::new(1);
     let mut settings = env.settings();
     settings.redis.url = im_ingest::secret::SecretUrl::new(redis.url());
@@ -290,11 +290,13 @@ async fn setup_with_private_redis(
     im_ingest::store::migrate(&settings.database).await.unwrap();
     ensure_topics(&settings).await.unwrap();
     let pipeline = build_pipeline(&settings).await.unwrap();
-    (env, pipeline)
-}
+    let user = unique("batched");
+    let records = (0..count)
+        .map(|n| record(&env.inbound, n, &payload(&user, &format!("b{n}"))))
+        .collect();
+    let outcomes = pipeline.process_batch(records).await.unwrap();
+    assert_eq!(outcomes, vec![Outcome::Stored; count as usize]);
 
-/// How often Redis ran `SET` (lock acquisitions), and the lock keys left.
-async fn lock_traffic(redis: &crate::faults::PrivateRedis) -> (u64, Vec<String>) {
     let mut connection = redis::Client::open(redis.url())
         .unwrap()
         .get_multiplexed_async_connection()
@@ -314,39 +316,22 @@ async fn lock_traffic(redis: &crate::faults::PrivateRedis) -> (u64, Vec<String>)
         .query_async(&mut connection)
         .await
         .unwrap();
+    pipeline.pool.close().await;
+    env.drop_database().await;
     (sets, keys)
-}
-
-async fn store_messages_of_one_user(env: &WorkerEnv, pipeline: &Pipeline, count: i64) {
-    let user = unique("batched");
-    let records = (0..count)
-        .map(|n| record(&env.inbound, n, &payload(&user, &format!("b{n}"))))
-        .collect();
-    let outcomes = pipeline.process_batch(records).await.unwrap();
-    assert_eq!(outcomes, vec![Outcome::Stored; count as usize]);
 }
 
 #[tokio::test]
 async fn five_messages_of_one_user_in_one_batch_take_and_release_the_lock_once() {
-    let redis = crate::faults::PrivateRedis::start();
-    let (env, pipeline) = setup_with_private_redis(&redis, 10_000).await;
-    store_messages_of_one_user(&env, &pipeline, 5).await;
-    let (sets, keys) = lock_traffic(&redis).await;
+    let (sets, keys) = lock_traffic_of_one_user_batch(5, 10_000).await;
     assert_eq!(sets, 1, "one acquisition for the batch");
     assert!(keys.is_empty(), "the lock was not released: {keys:?}");
-    pipeline.pool.close().await;
-    env.drop_database().await;
 }
 
 #[tokio::test]
 async fn a_batch_gives_the_lock_back_after_a_quarter_of_the_lease_and_takes_it_anew() {
     // A 40 ms lease: a hold may last 10 ms, far less than forty writes take.
-    let redis = crate::faults::PrivateRedis::start();
-    let (env, pipeline) = setup_with_private_redis(&redis, 40).await;
-    store_messages_of_one_user(&env, &pipeline, 40).await;
-    let (sets, keys) = lock_traffic(&redis).await;
+    let (sets, keys) = lock_traffic_of_one_user_batch(40, 40).await;
     assert!(sets >= 2, "{sets} acquisition(s): the hold was never ended");
     assert!(keys.is_empty(), "the lock was not released: {keys:?}");
-    pipeline.pool.close().await;
-    env.drop_database().await;
 }

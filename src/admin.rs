@@ -3,7 +3,7 @@
 //! Guarantee: every answer is bounded in time (each dependency check has its own
 //! timeout), so a hung dependency makes the worker unready, never the admin server
 //! hung. `/healthz` says whether the consumer loop turns; `/readyz` whether Kafka, MySQL
-//! and Redis answer and partitions are assigned, naming what fails.
+//! and Redis answer and partitions are assigned, naming what fails (Redis only when `lock.mode` uses it).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,7 +20,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::json;
 use sqlx::MySqlPool;
 
-use crate::config::Settings;
+use crate::config::{LockMode, Settings};
 use crate::health::Health;
 
 /// How long one dependency check may take before it counts as failed.
@@ -32,7 +32,8 @@ const STALE_HEARTBEAT_MS: i64 = 30_000;
 struct AdminState {
     health: Arc<Health>,
     pool: MySqlPool,
-    redis: redis::Client,
+    /// `None` with `lock.mode = none`: the worker does not use Redis then.
+    redis: Option<redis::Client>,
     kafka: Arc<BaseConsumer>,
     metrics: PrometheusHandle,
 }
@@ -50,8 +51,13 @@ pub async fn serve(
         .client_config()
         .create()
         .context("creating the Kafka client for readiness checks")?;
-    let redis = redis::Client::open(settings.redis.url.expose())
-        .with_context(|| format!("invalid Redis URL {}", settings.redis.url))?;
+    let redis = match settings.lock.mode {
+        LockMode::Redis => Some(
+            redis::Client::open(settings.redis.url.expose())
+                .with_context(|| format!("invalid Redis URL {}", settings.redis.url))?,
+        ),
+        LockMode::None => None,
+    };
     let state = AdminState {
         health,
         pool,
@@ -97,7 +103,7 @@ async fn readyz(State(state): State<AdminState>) -> Response {
     let (kafka, mysql, redis) = tokio::join!(
         check_kafka(state.kafka.clone()),
         check_mysql(&state.pool),
-        check_redis(&state.redis)
+        check_redis(state.redis.as_ref())
     );
     let partitions = state.health.assigned_partitions();
     let assigned = if partitions > 0 {
@@ -110,11 +116,15 @@ async fn readyz(State(state): State<AdminState>) -> Response {
         Ok(()) => "ok".to_string(),
         Err(e) => e.clone(),
     };
+    let redis_state = match state.redis {
+        Some(_) => show(&redis),
+        None => "not used (lock.mode = none)".to_string(),
+    };
     let body = json!({
         "ready": ready,
         "kafka": show(&kafka),
         "mysql": show(&mysql),
-        "redis": show(&redis),
+        "redis": redis_state,
         "partitions": partitions,
         "assignment": show(&assigned),
     });
@@ -154,7 +164,10 @@ async fn check_mysql(pool: &MySqlPool) -> Result<(), String> {
     }
 }
 
-async fn check_redis(client: &redis::Client) -> Result<(), String> {
+async fn check_redis(client: Option<&redis::Client>) -> Result<(), String> {
+    let Some(client) = client else {
+        return Ok(());
+    };
     let ping = async {
         let mut connection = client.get_multiplexed_async_connection().await?;
         redis::cmd("PING")

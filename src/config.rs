@@ -264,14 +264,31 @@ impl Default for WorkerSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LockSettings {
+    /// Whether records take the per-user Redis lock before they are written.
+    pub mode: LockMode,
     /// Lease of a per-user lock; extended every third of it while work runs.
     pub lease_ms: u64,
 }
 
 impl Default for LockSettings {
     fn default() -> Self {
-        Self { lease_ms: 10_000 }
+        Self {
+            mode: LockMode::Redis,
+            lease_ms: 10_000,
+        }
     }
+}
+
+/// `lock.mode`: the Redis lock is an efficiency device (DESIGN.md, "Defence in depth");
+/// the unique indexes alone already keep every row single, so it may be switched off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LockMode {
+    /// Take the per-user lease lock in Redis; records meeting a held lock are delayed.
+    Redis,
+    /// No lock and no Redis traffic: writes rely on the unique indexes only, and
+    /// concurrent writers of one user meet inside the database instead.
+    None,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -561,6 +578,17 @@ mod tests {
         assert!(s.database.migrate_on_start);
         assert_eq!(s.redis.connect_timeout_ms, 1_000);
         assert_eq!(s.redis.response_timeout_ms, 1_000);
+        assert_eq!(s.lock.mode, LockMode::Redis);
+    }
+
+    #[test]
+    fn lock_mode_is_redis_or_none_and_anything_else_names_the_key() {
+        let s = load_with("", &[("LOCK__MODE", "none")]).unwrap();
+        assert_eq!(s.lock.mode, LockMode::None);
+        let s = load_with("[lock]\nmode = \"redis\"\n", &[]).unwrap();
+        assert_eq!(s.lock.mode, LockMode::Redis);
+        let err = load_with("", &[("LOCK__MODE", "off")]).unwrap_err();
+        assert!(format!("{err:#}").contains("lock.mode"), "{err:#}");
     }
 
     #[test]

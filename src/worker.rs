@@ -52,7 +52,8 @@ pub async fn build_pipeline(settings: &Settings) -> anyhow::Result<Pipeline> {
         settings.kafka.group_id.clone(),
         settings.worker.max_message_bytes,
         Duration::from_millis(settings.redis.probe_interval_ms),
-    ))
+    )
+    .with_lock_mode(settings.lock.mode))
 }
 
 /// The process-wide metrics registry (Prometheus format), installed on first use.

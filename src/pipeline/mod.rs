@@ -25,6 +25,7 @@ use contention::{changed_hands, lock_held_message};
 pub use degraded::RedisHealth;
 pub use record::{now_millis, Job, Record};
 
+use crate::config::LockMode;
 use crate::lock::{Acquire, LockClient, LockGuard};
 use crate::message::{ChatMessage, Inbound, UserKey, INVALID_MESSAGE_FQCN};
 use crate::retry::headers::RetryHeaders;
@@ -86,6 +87,8 @@ pub struct Pipeline {
     pub dlq_topic: String,
     pub consumer_group: String,
     pub max_message_bytes: usize,
+    /// `lock.mode`: with `None`, records are written without the user lock.
+    pub lock_mode: LockMode,
     redis_health: Arc<RedisHealth>,
 }
 
@@ -111,8 +114,15 @@ impl Pipeline {
             dlq_topic,
             consumer_group,
             max_message_bytes,
+            lock_mode: LockMode::Redis,
             redis_health: Arc::new(RedisHealth::new(redis_probe_interval)),
         }
+    }
+
+    /// Switches the user lock on or off (`lock.mode`; on by default).
+    pub fn with_lock_mode(mut self, mode: LockMode) -> Self {
+        self.lock_mode = mode;
+        self
     }
 
     pub fn prepare(&self, record: Record) -> Job {
@@ -218,7 +228,7 @@ impl Pipeline {
         message: &ChatMessage,
         lock: &mut Option<LockGuard>,
     ) -> anyhow::Result<Outcome> {
-        if lock.is_some() {
+        if lock.is_some() || self.lock_mode == LockMode::None {
             return self.write(job, message).await;
         }
         if !self.redis_health.should_try_lock(Instant::now()) {

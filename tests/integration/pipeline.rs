@@ -173,6 +173,38 @@ async fn record_whose_lock_is_held_elsewhere_goes_once_to_the_first_delay_topic(
 }
 
 #[tokio::test]
+async fn with_lock_mode_none_a_record_whose_lock_is_held_elsewhere_is_stored_at_once() {
+    let (env, pipeline, pool) = setup().await;
+    let pipeline = pipeline.with_lock_mode(im_ingest::config::LockMode::None);
+    let locked = unique("locked");
+    let outside = OutsideLock::hold(&locked, Some(Duration::from_secs(30))).await;
+    let value = payload(&locked, "unlocked-1");
+    let outcomes = pipeline
+        .process_batch(vec![
+            record(&env.inbound, 0, &value),
+            record(&env.inbound, 1, &value),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(outcomes, [Outcome::Stored, Outcome::Duplicate]);
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT COUNT(*) FROM message WHERE external_message_id = 'unlocked-1'"
+        )
+        .await,
+        1
+    );
+    assert!(
+        read_all(&env.first_delay_topic()).is_empty(),
+        "without the lock nothing is delayed"
+    );
+    outside.release().await;
+    pool.close().await;
+    env.drop_database().await;
+}
+
+#[tokio::test]
 async fn due_time_is_shortened_to_a_short_remaining_lock_ttl() {
     // A 5 s delay and a lock with 1 s left: the record should be due in about 1 s (the
     // remaining TTL jittered up to +20%, plus a 25 ms margin), far sooner than 5 s.

@@ -36,6 +36,18 @@ pub enum Command {
     Run,
     /// Create the database if missing and apply pending schema migrations (idempotent).
     Migrate,
+    /// Measure im-ingest against its limits and alternatives, side by side: the worker
+    /// as shipped, with `lock.mode = none`, a naive check-then-insert writer, a no-op
+    /// consumer (Kafka read limit) and an ideal batched writer (database write limit),
+    /// each as its own process on fresh topics and databases, on several scenarios.
+    /// Prints a table (median of interleaved runs, min–max) and optionally JSON.
+    /// Uses the configured Kafka, database server and Redis; creates and removes its
+    /// own topics and databases (`im_bench…`).
+    Bench(crate::bench::BenchArgs),
+    /// Run one reference consumer of `bench` as its own process (started by `bench`;
+    /// useful on its own to profile one). Consumes `kafka.inbound_topic` in
+    /// `kafka.group_id` until SIGINT/SIGTERM.
+    BenchContender(crate::bench::contender::ContenderArgs),
 }
 
 /// Runs the parsed command to completion.
@@ -45,6 +57,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     tracing::debug!(%source, ?settings, "settings loaded");
     match cli.command {
         Command::Run => crate::worker::run(&settings, crate::worker::shutdown_signal()).await?,
+        Command::Bench(args) => crate::bench::run(&settings, cli.config.as_deref(), args).await?,
+        Command::BenchContender(args) => {
+            crate::bench::contender::run(&settings, &args, crate::worker::shutdown_signal()).await?
+        }
         Command::Migrate => {
             store::migrate(&settings.database).await?;
             tracing::info!(database = %settings.database.url, "migrations applied");

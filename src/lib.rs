@@ -2,9 +2,10 @@
 //! sessions in MySQL exactly once in effect.
 //!
 //! The library holds all logic; the `im-ingest` binary is a thin wrapper around
-//! [`cli::run`]. See DESIGN.md for the architecture and the public contract.
+//! [`cli::run`]. See docs/DESIGN.md for the architecture and the public contract.
 
 pub mod admin;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod consumer;

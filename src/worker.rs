@@ -124,7 +124,7 @@ pub async fn shutdown_signal() {
 }
 
 /// Completes on the next SIGINT or SIGTERM.
-async fn next_signal() {
+pub(crate) async fn next_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

@@ -134,6 +134,13 @@ impl Scenario {
         }
     }
 
+    /// Whether the scenario says anything about `contender`: the steady scenario
+    /// measures latency to a stored row, which the no-op consumer never writes (and its
+    /// backlog rate, which would set the offered load, is the broker's, not a consumer's).
+    pub fn measures(self, contender: ContenderKind) -> bool {
+        !(self == Scenario::Steady && contender == ContenderKind::Noop)
+    }
+
     /// Whether the records are all sent before the contender starts.
     pub fn is_backlog(self) -> bool {
         matches!(

@@ -173,6 +173,21 @@ fn partitions_of(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
         .collect()
 }
 
+/// The configured group's consumer settings, before the raw `kafka.librdkafka` map
+/// (which the caller applies last, so it wins): offsets stored by the application only
+/// after a record is durable, committed in the background, from the earliest record
+/// when the group has none, cooperative rebalancing.
+pub fn group_consumer_config(settings: &Settings) -> rdkafka::ClientConfig {
+    let mut config = settings.kafka.client_config();
+    config
+        .set("group.id", &settings.kafka.group_id)
+        .set("enable.auto.offset.store", "false")
+        .set("enable.auto.commit", "true")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "cooperative-sticky");
+    config
+}
+
 /// Consumes `topics` in the configured group until `shutdown` completes.
 pub async fn run(
     settings: &Settings,
@@ -183,14 +198,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
     let held = Arc::new(Mutex::new(HeldPartitions::default()));
-    let mut config = settings.kafka.client_config();
-    config
-        .set("group.id", &settings.kafka.group_id)
-        .set("enable.auto.offset.store", "false")
-        .set("enable.auto.commit", "true")
-        .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("statistics.interval.ms", "5000");
+    let mut config = group_consumer_config(settings);
+    config.set("statistics.interval.ms", "5000");
     // The raw passthrough map wins over our defaults too.
     for (key, value) in &settings.kafka.librdkafka {
         config.set(key, value);

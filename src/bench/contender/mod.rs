@@ -131,13 +131,8 @@ pub async fn run(
         }
     };
     let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
-    let mut config = settings.kafka.client_config();
-    config
-        .set("group.id", &settings.kafka.group_id)
-        .set("enable.auto.offset.store", "false")
-        .set("enable.auto.commit", "true")
-        .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "cooperative-sticky");
+    // The worker's consumer settings, so offsets mean the same for every contender.
+    let mut config = crate::consumer::group_consumer_config(settings);
     for (key, value) in &settings.kafka.librdkafka {
         config.set(key, value);
     }

@@ -4,19 +4,26 @@
 //!
 //! Guarantee: none — that is the point. Check and insert are not atomic, so two
 //! records of one user processed at once both insert; the bench's correctness check
-//! counts the duplicates it makes. It runs on tables without unique keys
-//! (`naive_schema.sql`), as such teams' tables are.
+//! counts the duplicates it makes. It runs on the worker's tables without their unique
+//! keys, as such teams' tables are.
 
 use sqlx::MySqlPool;
 
 use crate::message::ChatMessage;
 use crate::pipeline::Record;
 
-const SCHEMA: &str = include_str!("naive_schema.sql");
+/// The worker's schema, from which the naive writer's is derived.
+const WORKER_SCHEMA: &str = include_str!("../../../migrations/20261122000001_initial_schema.sql");
 
-/// Creates the naive writer's tables (same columns, no unique keys) in an empty database.
+/// The worker's tables with every unique key turned into a plain index: the same
+/// columns, lookups as fast, only the uniqueness missing — as such teams' tables are.
+fn schema() -> String {
+    WORKER_SCHEMA.replace("UNIQUE KEY", "KEY")
+}
+
+/// Creates the naive writer's tables in an empty database.
 pub async fn create_schema(pool: &MySqlPool) -> anyhow::Result<()> {
-    sqlx::raw_sql(SCHEMA).execute(pool).await?;
+    sqlx::raw_sql(&schema()).execute(pool).await?;
     Ok(())
 }
 
@@ -108,4 +115,18 @@ pub async fn write_one(
         .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_naive_schema_is_the_workers_without_unique_keys() {
+        let schema = super::schema();
+        assert!(!schema.contains("UNIQUE KEY"));
+        assert_eq!(schema.matches("CREATE TABLE").count(), 3);
+        assert_eq!(
+            schema.matches("KEY ").count(),
+            super::WORKER_SCHEMA.matches("KEY ").count()
+        );
+    }
 }

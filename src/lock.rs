@@ -155,7 +155,6 @@ impl LockClient {
             token,
             lost,
             keeper,
-            acquired_at: std::time::Instant::now(),
         }
     }
 
@@ -195,15 +194,9 @@ pub struct LockGuard {
     token: String,
     lost: Arc<AtomicBool>,
     keeper: tokio::task::JoinHandle<()>,
-    acquired_at: std::time::Instant,
 }
 
 impl LockGuard {
-    /// How long this holder has had the lock.
-    pub fn held_for(&self) -> Duration {
-        self.acquired_at.elapsed()
-    }
-
     pub fn key(&self) -> &str {
         &self.key
     }

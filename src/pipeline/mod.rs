@@ -11,6 +11,7 @@
 //! hands until the record's last attempt (see `contention`).
 
 mod contention;
+mod deferred;
 mod degraded;
 mod record;
 
@@ -41,6 +42,12 @@ async fn release(lock: Option<LockGuard>) {
             tracing::warn!(%error, "releasing the user lock failed");
         }
     }
+}
+
+/// What became of one record of a user batch, or that it waits for the batch's write.
+enum Step<'a> {
+    Done(Outcome),
+    Write(&'a ChatMessage),
 }
 
 /// Error class of records whose user lock stayed held through every attempt.
@@ -171,44 +178,47 @@ impl Pipeline {
     /// Processes records of one user in order, holding the user's lock across them once
     /// it is taken (one acquisition and one release for the batch, instead of one per
     /// record). Until it is taken, each message tries it anew, so a conflict delays only
-    /// the records that met it. A hold ends after a quarter of the lease and the lock is
-    /// taken anew for the rest: a record of this user delayed elsewhere waits longer than
-    /// that before its last attempt (with the default delays: 16 s, or the holder's
-    /// remaining lease, which its keeper keeps above two thirds), so it never meets one
-    /// busy holder at both of its last two attempts — which would read as a stuck lock
-    /// and dead-letter it (see `contention`). Returns one result per record, in order,
-    /// up to and including the first error; records after an error are not attempted
-    /// (the module guarantee applies to each).
+    /// the records that met it. The messages to store are written together, in one
+    /// transaction, before the lock is released (see `deferred`): a hold lasts one pass
+    /// over the batch (no I/O once the lock is held) and one transaction, far below a
+    /// quarter of the lease (`LockClient::longest_hold`) — so a record of this user
+    /// delayed elsewhere, which waits longer than that before its last attempt, never
+    /// meets one busy holder at both of its last two attempts, which would read as a
+    /// stuck lock and dead-letter it (see `contention`). Returns one result per record,
+    /// in order, up to and including the first error; records after an error are not
+    /// attempted (the module guarantee applies to each).
     pub async fn process_user_batch<'a>(
         &self,
         jobs: impl ExactSizeIterator<Item = &'a Job> + Send,
     ) -> Vec<anyhow::Result<Outcome>> {
         metrics::histogram!("im_ingest_batch_size").record(jobs.len() as f64);
-        let longest_hold = self.locks.longest_hold();
         let mut lock: Option<LockGuard> = None;
-        let mut results = Vec::with_capacity(jobs.len());
+        let mut results = deferred::Results::with_capacity(jobs.len());
         for job in jobs {
-            if lock.as_ref().is_some_and(|g| g.held_for() >= longest_hold) {
-                release(lock.take()).await;
-            }
-            let result = self.process_with(job, &mut lock).await;
-            let failed = result.is_err();
-            results.push(result);
-            if failed {
-                break;
+            match self.process_with(job, &mut lock).await {
+                Ok(Step::Done(outcome)) => results.settled(Ok(outcome)),
+                Ok(Step::Write(message)) => results.defer(job, message),
+                Err(error) => {
+                    if self.write_deferred(&mut results).await {
+                        results.settled(Err(error));
+                    }
+                    break;
+                }
             }
         }
+        self.write_deferred(&mut results).await;
         release(lock).await;
-        results
+        results.into_results()
     }
 
     /// One record of a user batch; `lock` is the user's lock once this batch took it.
+    /// A message to store comes back as [`Step::Write`], for the batch's next write.
     #[tracing::instrument(skip_all, fields(topic = %job.record.topic, partition = job.record.partition, offset = job.record.offset))]
-    async fn process_with(
+    async fn process_with<'a>(
         &self,
-        job: &Job,
+        job: &'a Job,
         lock: &mut Option<LockGuard>,
-    ) -> anyhow::Result<Outcome> {
+    ) -> anyhow::Result<Step<'a>> {
         let outcome = match &job.content {
             Err(invalid) => {
                 tracing::warn!(reason = %invalid, "invalid record, dead-lettering it");
@@ -216,39 +226,48 @@ impl Pipeline {
                     .await?
             }
             Ok(Inbound::Read(_)) => Outcome::ReadReceipt,
-            Ok(Inbound::Message(message)) => self.store_under_lock(job, message, lock).await?,
+            Ok(Inbound::Message(message)) => {
+                match self.store_under_lock(job, message, lock).await? {
+                    Some(outcome) => outcome,
+                    None => return Ok(Step::Write(message)),
+                }
+            }
         };
         metrics::counter!("im_ingest_records_total", "outcome" => outcome.label()).increment(1);
-        Ok(outcome)
+        Ok(Step::Done(outcome))
     }
 
+    /// `None` when the message is to be written (under `lock`, or without the lock when
+    /// it is off or Redis is failing); otherwise what became of it instead.
     async fn store_under_lock(
         &self,
         job: &Job,
         message: &ChatMessage,
         lock: &mut Option<LockGuard>,
-    ) -> anyhow::Result<Outcome> {
+    ) -> anyhow::Result<Option<Outcome>> {
         if lock.is_some() || self.lock_mode == LockMode::None {
-            return self.write(job, message).await;
+            return Ok(None);
         }
         if !self.redis_health.should_try_lock(Instant::now()) {
             metrics::counter!("im_ingest_unlocked_writes_total").increment(1);
-            return self.write(job, message).await;
+            return Ok(None);
         }
         match self.locks.acquire(&message.user()).await {
             Ok(Acquire::Acquired(guard)) => {
                 self.redis_health.record_success();
                 *lock = Some(guard);
-                self.write(job, message).await
+                Ok(None)
             }
             Ok(Acquire::HeldElsewhere { remaining, holder }) => {
                 self.redis_health.record_success();
-                self.retry_later(job, message, remaining, holder).await
+                self.retry_later(job, message, remaining, holder)
+                    .await
+                    .map(Some)
             }
             Err(error) => {
                 self.redis_health.record_failure(Instant::now(), &error);
                 metrics::counter!("im_ingest_unlocked_writes_total").increment(1);
-                self.write(job, message).await
+                Ok(None)
             }
         }
     }

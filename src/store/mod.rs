@@ -3,10 +3,14 @@
 //!
 //! Guarantee: the schema is the one in `migrations/` (embedded at compile time); applying
 //! it is idempotent, and the database is created if missing. Writes never duplicate a
-//! customer, session or message (see `write`).
+//! customer, session or message (see `write`, and `batch` for many messages in one
+//! transaction).
 
+mod batch;
 mod migrate;
 mod write;
 
+pub(crate) use batch::write_unchecked;
+pub use batch::BatchItem;
 pub use migrate::{connect, create_database_if_missing, migrate, MIGRATOR};
-pub use write::{is_retryable, write_message, Provenance, WriteOutcome};
+pub use write::{is_retryable, write_batch, write_message, Provenance, WriteOutcome};

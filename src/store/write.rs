@@ -9,10 +9,12 @@
 //! `last_message_at` only moves forward (`GREATEST`). Deadlocks and lock-wait timeouts
 //! are retried in place.
 
+use std::future::Future;
 use std::time::Duration;
 
 use sqlx::{MySql, MySqlPool, Transaction};
 
+use super::batch::{try_write_batch, BatchItem};
 use crate::message::ChatMessage;
 
 /// Where the record that carried a message came from (stored on the message row).
@@ -42,9 +44,35 @@ pub async fn write_message(
     message: &ChatMessage,
     provenance: &Provenance,
 ) -> Result<WriteOutcome, sqlx::Error> {
+    with_retries(|| try_write_message(pool, message, provenance)).await
+}
+
+/// Writes many messages idempotently in one transaction (see `batch`), retried like
+/// [`write_message`]; one outcome per item, in order.
+pub async fn write_batch(
+    pool: &MySqlPool,
+    items: &[BatchItem<'_>],
+) -> Result<Vec<WriteOutcome>, sqlx::Error> {
+    with_retries(|| async {
+        let mut tx = pool.begin().await?;
+        let outcomes = try_write_batch(&mut tx, items).await?;
+        tx.commit().await?;
+        Ok(outcomes)
+    })
+    .await
+}
+
+/// Runs a transaction until it succeeds, fails otherwise than by a deadlock or a
+/// lock-wait timeout, or has been tried [`MAX_TRANSACTION_ATTEMPTS`] times; a short
+/// growing pause between tries.
+async fn with_retries<T, F, Fut>(mut transaction: F) -> Result<T, sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, sqlx::Error>>,
+{
     let mut attempt = 1;
     loop {
-        match try_write_message(pool, message, provenance).await {
+        match transaction().await {
             Err(error) if is_retryable(&error) && attempt < MAX_TRANSACTION_ATTEMPTS => {
                 metrics::counter!("im_ingest_db_transaction_retries_total").increment(1);
                 tracing::debug!(%error, attempt, "transaction retried");
@@ -103,13 +131,40 @@ async fn try_write_message(
     })
 }
 
-/// Get-or-create the customer; returns its id. The profile columns change only when
-/// this message's (timestamp, message id) is newer than the one that set them.
+/// Whether the row being upserted carries a newer profile than the stored one (a
+/// macro, so that `concat!` can build the statement at compile time).
+macro_rules! newer {
+    () => {
+        "(VALUES(profile_at) IS NOT NULL AND (profile_at IS NULL \
+         OR (VALUES(profile_at), VALUES(profile_message_id)) > (profile_at, profile_message_id)))"
+    };
+}
+
+/// The customer upsert's convergent update: the profile is newest-wins.
 ///
 /// Assignments run left to right, so the comparison must see the old marker: nickname
 /// and avatar first, then `profile_message_id`, then `profile_at`. After the id is
 /// replaced, the comparison for `profile_at` can only differ when both timestamps are
 /// equal — and then `profile_at` keeps the same value either way.
+pub(super) const CUSTOMER_ON_DUPLICATE: &str = concat!(
+    " ON DUPLICATE KEY UPDATE nickname = IF(",
+    newer!(),
+    ", COALESCE(VALUES(nickname), nickname), nickname), avatar = IF(",
+    newer!(),
+    ", COALESCE(VALUES(avatar), avatar), avatar), profile_message_id = IF(",
+    newer!(),
+    ", VALUES(profile_message_id), profile_message_id), profile_at = IF(",
+    newer!(),
+    ", VALUES(profile_at), profile_at)"
+);
+
+/// The session upsert's convergent update: `last_message_at` only moves forward.
+pub(super) const SESSION_ON_DUPLICATE: &str = " ON DUPLICATE KEY UPDATE \
+     last_message_at = GREATEST(COALESCE(last_message_at, VALUES(last_message_at)), \
+                                VALUES(last_message_at))";
+
+/// Get-or-create the customer; returns its id. The profile columns change only when
+/// this message's (timestamp, message id) is newer than the one that set them.
 async fn upsert_customer(
     tx: &mut Transaction<'_, MySql>,
     message: &ChatMessage,
@@ -123,16 +178,10 @@ async fn upsert_customer(
         Some(_) => (Some(message.sent_at), Some(message.message_id.as_str())),
         None => (None, None),
     };
-    const NEWER: &str = "(VALUES(profile_at) IS NOT NULL AND (profile_at IS NULL \
-         OR (VALUES(profile_at), VALUES(profile_message_id)) > (profile_at, profile_message_id)))";
     let sql = format!(
         "INSERT INTO customer (tenant_id, platform, external_user_id, nickname, avatar, \
          profile_at, profile_message_id) VALUES (?, ?, ?, ?, ?, ?, ?) \
-         ON DUPLICATE KEY UPDATE id = LAST_INSERT_ID(id), \
-         nickname = IF({NEWER}, COALESCE(VALUES(nickname), nickname), nickname), \
-         avatar = IF({NEWER}, COALESCE(VALUES(avatar), avatar), avatar), \
-         profile_message_id = IF({NEWER}, VALUES(profile_message_id), profile_message_id), \
-         profile_at = IF({NEWER}, VALUES(profile_at), profile_at)"
+         {CUSTOMER_ON_DUPLICATE}, id = LAST_INSERT_ID(id)"
     );
     let result = sqlx::query(&sql)
         .bind(&message.tenant_id)
@@ -154,13 +203,10 @@ async fn upsert_session(
     message: &ChatMessage,
     customer_id: u64,
 ) -> Result<u64, sqlx::Error> {
-    let result = sqlx::query(
+    let result = sqlx::query(&format!(
         "INSERT INTO session (tenant_id, platform, customer_id, agent_id, last_message_at) \
-         VALUES (?, ?, ?, ?, ?) \
-         ON DUPLICATE KEY UPDATE id = LAST_INSERT_ID(id), \
-         last_message_at = GREATEST(COALESCE(last_message_at, VALUES(last_message_at)), \
-                                    VALUES(last_message_at))",
-    )
+             VALUES (?, ?, ?, ?, ?) {SESSION_ON_DUPLICATE}, id = LAST_INSERT_ID(id)"
+    ))
     .bind(&message.tenant_id)
     .bind(&message.platform)
     .bind(customer_id)

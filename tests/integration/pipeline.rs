@@ -359,11 +359,3 @@ async fn five_messages_of_one_user_in_one_batch_take_and_release_the_lock_once()
     assert_eq!(sets, 1, "one acquisition for the batch");
     assert!(keys.is_empty(), "the lock was not released: {keys:?}");
 }
-
-#[tokio::test]
-async fn a_batch_gives_the_lock_back_after_a_quarter_of_the_lease_and_takes_it_anew() {
-    // A 40 ms lease: a hold may last 10 ms, far less than forty writes take.
-    let (sets, keys) = lock_traffic_of_one_user_batch(40, 40).await;
-    assert!(sets >= 2, "{sets} acquisition(s): the hold was never ended");
-    assert!(keys.is_empty(), "the lock was not released: {keys:?}");
-}

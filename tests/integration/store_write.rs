@@ -3,7 +3,7 @@
 //! converge whatever the order of application.
 
 use im_ingest::message::{ChatMessage, Profile};
-use im_ingest::store::{self, write_message, Provenance, WriteOutcome};
+use im_ingest::store::{self, write_batch, write_message, Provenance, WriteOutcome};
 use sqlx::MySqlPool;
 
 use crate::helpers::{unique, TestDatabase};
@@ -147,6 +147,148 @@ async fn newest_profile_wins_whatever_the_order_of_application() {
     .await
     .unwrap();
     assert_eq!((nickname.as_str(), last), ("newest", 3_000));
+    pool.close().await;
+    db.drop_now().await;
+}
+
+fn with_profile(customer: &str, id: &str, at: i64, nick: &str) -> ChatMessage {
+    let mut m = chat(customer, id, at);
+    m.profile = Some(Profile {
+        nickname: Some(nick.into()),
+        avatar: Some(format!("{nick}.jpg")),
+    });
+    m
+}
+
+#[tokio::test]
+async fn a_batch_stores_each_new_message_once_and_tells_copies_and_stored_ones_apart() {
+    let (db, pool) = migrated_pool().await;
+    let (a, b) = (unique("a"), unique("b"));
+    let earlier = chat(&a, "m0", 500);
+    write_message(&pool, &earlier, &provenance(0))
+        .await
+        .unwrap();
+    let messages = [
+        chat(&a, "m1", 1_000),
+        chat(&a, "m2", 2_000),
+        chat(&a, "m1", 1_000),
+        chat(&b, "m3", 3_000),
+        earlier.clone(),
+    ];
+    let provenances: Vec<Provenance> = (1..=5).map(provenance).collect();
+    let items: Vec<_> = messages.iter().zip(&provenances).collect();
+    let outcomes = write_batch(&pool, &items).await.unwrap();
+    use WriteOutcome::{Duplicate, Stored};
+    assert_eq!(outcomes, [Stored, Stored, Duplicate, Stored, Duplicate]);
+    assert_eq!(count(&pool, "customer").await, 2);
+    assert_eq!(count(&pool, "session").await, 2);
+    assert_eq!(count(&pool, "message").await, 4);
+    let offset: i64 =
+        sqlx::query_scalar("SELECT source_offset FROM message WHERE external_message_id = 'm1'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(offset, 1, "provenance is the first copy's record");
+    // Each message linked to its own customer's session.
+    let mislinked: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM message m JOIN session s ON s.id = m.session_id \
+         WHERE s.customer_id <> m.customer_id",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(mislinked, 0);
+    // The same batch again: everything is a duplicate.
+    let again = write_batch(&pool, &items).await.unwrap();
+    assert!(again.iter().all(|o| *o == Duplicate), "{again:?}");
+    assert_eq!(count(&pool, "message").await, 4);
+    pool.close().await;
+    db.drop_now().await;
+}
+
+#[tokio::test]
+async fn a_batch_converges_like_the_same_messages_written_one_by_one() {
+    let (db, pool) = migrated_pool().await;
+    let customer = unique("c");
+    // Stored before: a profile newer than all but one of the batch's.
+    write_message(
+        &pool,
+        &with_profile(&customer, "p", 2_500, "stored"),
+        &provenance(0),
+    )
+    .await
+    .unwrap();
+    let messages = [
+        with_profile(&customer, "b", 2_000, "older-than-stored"),
+        with_profile(&customer, "z", 3_000, "newest"),
+        with_profile(&customer, "a", 3_000, "tied-but-smaller-id"),
+        chat(&customer, "no-profile", 4_000),
+    ];
+    let provenances: Vec<Provenance> = (1..=4).map(provenance).collect();
+    let items: Vec<_> = messages.iter().zip(&provenances).collect();
+    write_batch(&pool, &items).await.unwrap();
+    let (nickname, profile_at, last): (String, i64, i64) = sqlx::query_as(
+        "SELECT c.nickname, c.profile_at, s.last_message_at FROM customer c \
+         JOIN session s ON s.customer_id = c.id",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (nickname.as_str(), profile_at, last),
+        ("newest", 3_000, 4_000)
+    );
+
+    // A batch of only older messages changes neither.
+    let late = [with_profile(&customer, "y", 100, "late")];
+    let late_provenance = [provenance(9)];
+    let items: Vec<_> = late.iter().zip(&late_provenance).collect();
+    write_batch(&pool, &items).await.unwrap();
+    let (nickname, last): (String, i64) = sqlx::query_as(
+        "SELECT c.nickname, s.last_message_at FROM customer c JOIN session s ON s.customer_id = c.id",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((nickname.as_str(), last), ("newest", 4_000));
+    pool.close().await;
+    db.drop_now().await;
+}
+
+#[tokio::test]
+async fn concurrent_batches_of_the_same_messages_store_each_exactly_once() {
+    let (db, pool) = migrated_pool().await;
+    let users: Vec<String> = (0..5).map(|_| unique("u")).collect();
+    let messages: Vec<ChatMessage> = (0..50)
+        .map(|n| chat(&users[n % 5], &format!("m{n}"), 1_000 + n as i64))
+        .collect();
+    let mut tasks = Vec::new();
+    // Three writers, no lock, each the whole set in its own order.
+    for writer in 0..3 {
+        let pool = pool.clone();
+        let mut mine = messages.clone();
+        mine.rotate_left(writer * 17);
+        tasks.push(tokio::spawn(async move {
+            let provenances: Vec<Provenance> = (0..mine.len() as i64).map(provenance).collect();
+            let items: Vec<_> = mine.iter().zip(&provenances).collect();
+            write_batch(&pool, &items).await
+        }));
+    }
+    let mut stored = 0;
+    for task in tasks {
+        let outcomes = task.await.unwrap().unwrap();
+        stored += outcomes
+            .iter()
+            .filter(|o| **o == WriteOutcome::Stored)
+            .count();
+    }
+    assert_eq!(
+        stored, 50,
+        "each message reported stored by exactly one writer"
+    );
+    assert_eq!(count(&pool, "customer").await, 5);
+    assert_eq!(count(&pool, "session").await, 5);
+    assert_eq!(count(&pool, "message").await, 50);
     pool.close().await;
     db.drop_now().await;
 }

@@ -49,17 +49,34 @@ pub async fn write_message(
 
 /// Writes many messages idempotently in one transaction (see `batch`), retried like
 /// [`write_message`]; one outcome per item, in order.
+///
+/// A batch raced by another writer (see `batch`) is rolled back and run again, up to
+/// [`MAX_TRANSACTION_ATTEMPTS`] times; it can race only writers of the same messages,
+/// which the user lock keeps apart but for contended and degraded writes.
 pub async fn write_batch(
     pool: &MySqlPool,
     items: &[BatchItem<'_>],
 ) -> Result<Vec<WriteOutcome>, sqlx::Error> {
-    with_retries(|| async {
-        let mut tx = pool.begin().await?;
-        let outcomes = try_write_batch(&mut tx, items).await?;
-        tx.commit().await?;
-        Ok(outcomes)
-    })
-    .await
+    for _ in 0..MAX_TRANSACTION_ATTEMPTS {
+        let written = with_retries(|| async {
+            let mut tx = pool.begin().await?;
+            let outcomes = try_write_batch(&mut tx, items).await?;
+            match outcomes {
+                Some(_) => tx.commit().await?,
+                None => tx.rollback().await?,
+            }
+            Ok(outcomes)
+        })
+        .await?;
+        if let Some(outcomes) = written {
+            return Ok(outcomes);
+        }
+        metrics::counter!("im_ingest_db_transaction_retries_total").increment(1);
+    }
+    Err(sqlx::Error::Protocol(format!(
+        "other writers inserted messages of this batch during each of \
+         {MAX_TRANSACTION_ATTEMPTS} attempts"
+    )))
 }
 
 /// Runs a transaction until it succeeds, fails otherwise than by a deadlock or a

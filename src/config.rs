@@ -247,6 +247,11 @@ pub struct WorkerSettings {
     /// At shutdown, how long in-flight records get to finish before offsets are
     /// committed and the process exits (unfinished ones are redelivered later).
     pub shutdown_deadline_ms: u64,
+    /// Transactions the shared write stage runs at once; the messages that arrive while
+    /// they all run are written together in the next one.
+    pub write_concurrency: usize,
+    /// Most messages one write transaction takes (a user batch is never split).
+    pub write_batch_messages: usize,
 }
 
 impl Default for WorkerSettings {
@@ -257,6 +262,8 @@ impl Default for WorkerSettings {
             db_retry_initial_ms: 100,
             db_retry_max_ms: 5_000,
             shutdown_deadline_ms: 20_000,
+            write_concurrency: 4,
+            write_batch_messages: 500,
         }
     }
 }
@@ -522,6 +529,14 @@ impl Settings {
             "invalid configuration: `worker.max_in_flight` must be at least 1"
         );
         anyhow::ensure!(
+            self.worker.write_concurrency > 0,
+            "invalid configuration: `worker.write_concurrency` must be at least 1"
+        );
+        anyhow::ensure!(
+            self.worker.write_batch_messages > 0,
+            "invalid configuration: `worker.write_batch_messages` must be at least 1"
+        );
+        anyhow::ensure!(
             self.lock.lease_ms >= 30,
             "invalid configuration: `lock.lease_ms` must be at least 30"
         );
@@ -589,6 +604,23 @@ mod tests {
         assert_eq!(s.lock.mode, LockMode::Redis);
         let err = load_with("", &[("LOCK__MODE", "off")]).unwrap_err();
         assert!(format!("{err:#}").contains("lock.mode"), "{err:#}");
+    }
+
+    #[test]
+    fn write_stage_knobs_default_to_four_writers_of_500_and_zero_names_the_key() {
+        let s = load_with("", &[]).unwrap();
+        assert_eq!(
+            (s.worker.write_concurrency, s.worker.write_batch_messages),
+            (4, 500)
+        );
+        for key in ["write_concurrency", "write_batch_messages"] {
+            let env = format!("WORKER__{}", key.to_uppercase());
+            let err = load_with("", &[(env.as_str(), "0")]).unwrap_err();
+            assert!(
+                format!("{err:#}").contains(&format!("worker.{key}")),
+                "{err:#}"
+            );
+        }
     }
 
     #[test]

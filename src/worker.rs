@@ -53,7 +53,11 @@ pub async fn build_pipeline(settings: &Settings) -> anyhow::Result<Pipeline> {
         settings.worker.max_message_bytes,
         Duration::from_millis(settings.redis.probe_interval_ms),
     )
-    .with_lock_mode(settings.lock.mode))
+    .with_lock_mode(settings.lock.mode)
+    .with_write_stage(
+        settings.worker.write_concurrency,
+        settings.worker.write_batch_messages,
+    ))
 }
 
 /// The process-wide metrics registry (Prometheus format), installed on first use.

@@ -1,17 +1,15 @@
-//! The write stage of a user batch: messages to store wait, in order, and are written
-//! together in one transaction (`store::write_batch`) before the lock hold that covers
-//! them ends.
+//! The write step of a user batch: messages to store wait, in order, and are handed to
+//! the shared write stage (`writer`) together, before the lock hold that covers them
+//! ends.
 //!
 //! Guarantee: a batch's results stay a prefix of settled records followed by at most
 //! one error, as `Pipeline::process_user_batch` promises: when a write fails, every
 //! record from its first message on is reported unsettled (the error in its place,
 //! nothing after it), so the caller processes them again — idempotently.
 
-use anyhow::Context;
-
 use super::{Job, Outcome, Pipeline};
 use crate::message::ChatMessage;
-use crate::store::{write_batch, BatchItem, Provenance, WriteOutcome};
+use crate::store::{Provenance, WriteOutcome};
 
 /// The results of a user batch so far: settled ones, and messages waiting to be written.
 pub(super) struct Results<'a> {
@@ -56,23 +54,19 @@ impl Pipeline {
             return true;
         };
         let waiting = std::mem::take(&mut results.waiting);
-        let provenances: Vec<Provenance> = waiting
+        let items: Vec<(ChatMessage, Provenance)> = waiting
             .iter()
-            .map(|(_, job, _)| Provenance {
-                topic: job.origin.topic.clone(),
-                partition: job.origin.partition,
-                offset: job.origin.offset,
+            .map(|(_, job, message)| {
+                let provenance = Provenance {
+                    topic: job.origin.topic.clone(),
+                    partition: job.origin.partition,
+                    offset: job.origin.offset,
+                };
+                ((*message).clone(), provenance)
             })
             .collect();
-        let items: Vec<BatchItem<'_>> = waiting
-            .iter()
-            .zip(&provenances)
-            .map(|((_, _, message), provenance)| (*message, provenance))
-            .collect();
         crate::failpoint::delay("slow_db_write").await;
-        let written = write_batch(&self.pool, &items)
-            .await
-            .context("writing the messages to the database");
+        let written = self.writer.write(items).await;
         match written {
             Ok(outcomes) => {
                 fail::fail_point!("after_db_commit", |_| crate::failpoint::crash(

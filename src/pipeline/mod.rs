@@ -14,6 +14,7 @@ mod contention;
 mod deferred;
 mod degraded;
 mod record;
+mod writer;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use sqlx::MySqlPool;
 use contention::{changed_hands, lock_held_message};
 pub use degraded::RedisHealth;
 pub use record::{now_millis, Job, Record};
+pub use writer::BatchWriter;
 
 use crate::config::LockMode;
 use crate::lock::{Acquire, LockClient, LockGuard};
@@ -96,6 +98,8 @@ pub struct Pipeline {
     pub max_message_bytes: usize,
     /// `lock.mode`: with `None`, records are written without the user lock.
     pub lock_mode: LockMode,
+    /// The write stage every user batch hands its messages to.
+    writer: BatchWriter,
     redis_health: Arc<RedisHealth>,
 }
 
@@ -112,6 +116,12 @@ impl Pipeline {
         max_message_bytes: usize,
         redis_probe_interval: Duration,
     ) -> Self {
+        let defaults = crate::config::WorkerSettings::default();
+        let writer = BatchWriter::start(
+            pool.clone(),
+            defaults.write_concurrency,
+            defaults.write_batch_messages,
+        );
         Self {
             pool,
             locks,
@@ -122,6 +132,7 @@ impl Pipeline {
             consumer_group,
             max_message_bytes,
             lock_mode: LockMode::Redis,
+            writer,
             redis_health: Arc::new(RedisHealth::new(redis_probe_interval)),
         }
     }
@@ -129,6 +140,13 @@ impl Pipeline {
     /// Switches the user lock on or off (`lock.mode`; on by default).
     pub fn with_lock_mode(mut self, mode: LockMode) -> Self {
         self.lock_mode = mode;
+        self
+    }
+
+    /// Sizes the shared write stage (`worker.write_concurrency`,
+    /// `worker.write_batch_messages`).
+    pub fn with_write_stage(mut self, concurrency: usize, max_messages: usize) -> Self {
+        self.writer = BatchWriter::start(self.pool.clone(), concurrency, max_messages);
         self
     }
 

@@ -292,3 +292,33 @@ async fn concurrent_batches_of_the_same_messages_store_each_exactly_once() {
     pool.close().await;
     db.drop_now().await;
 }
+
+#[tokio::test]
+async fn a_request_the_database_refuses_fails_alone_in_the_shared_write_stage() {
+    let (db, pool) = migrated_pool().await;
+    sqlx::raw_sql(
+        "CREATE TRIGGER refuse_poison BEFORE INSERT ON message FOR EACH ROW \
+         IF NEW.external_message_id = 'poison' THEN \
+         SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'refused by test trigger'; END IF",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let writer = im_ingest::pipeline::BatchWriter::start(pool.clone(), 1, 500);
+    let request = |customer: &str, id: &str, offset: i64| {
+        vec![(chat(customer, id, 1_000 + offset), provenance(offset))]
+    };
+    // Sent at once to one writer, so they queue up and are written together first.
+    let (good, poisoned, other) = tokio::join!(
+        writer.write(request(&unique("a"), "m-a", 1)),
+        writer.write(request(&unique("p"), "poison", 2)),
+        writer.write(request(&unique("b"), "m-b", 3)),
+    );
+    assert_eq!(good.unwrap(), [WriteOutcome::Stored]);
+    assert_eq!(other.unwrap(), [WriteOutcome::Stored]);
+    let error = format!("{:#}", poisoned.unwrap_err());
+    assert!(error.contains("refused by test trigger"), "{error}");
+    assert_eq!(count(&pool, "message").await, 2);
+    pool.close().await;
+    db.drop_now().await;
+}

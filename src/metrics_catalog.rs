@@ -18,7 +18,7 @@ const OUTCOMES: [&str; 5] = [
 ];
 
 /// Counters without labels: (name, help).
-const COUNTERS: [(&str, &str); 6] = [
+const COUNTERS: [(&str, &str); 7] = [
     ("im_ingest_lock_acquisitions_total", "Per-user locks taken"),
     (
         "im_ingest_lock_conflicts_total",
@@ -39,6 +39,10 @@ const COUNTERS: [(&str, &str); 6] = [
     (
         "im_ingest_db_transaction_retries_total",
         "Transactions retried after a deadlock or lock-wait timeout",
+    ),
+    (
+        "im_ingest_lock_waits_total",
+        "In-process pauses before a held lock was tried again",
     ),
 ];
 
@@ -63,7 +67,7 @@ const GAUGES: [(&str, &str); 4] = [
 ];
 
 /// Histograms: (name, unit, help).
-const HISTOGRAMS: [(&str, Unit, &str); 3] = [
+const HISTOGRAMS: [(&str, Unit, &str); 4] = [
     (
         "im_ingest_processing_seconds",
         Unit::Seconds,
@@ -78,6 +82,11 @@ const HISTOGRAMS: [(&str, Unit, &str); 3] = [
         "im_ingest_batch_size",
         Unit::Count,
         "Records of one user processed under one lock hold",
+    ),
+    (
+        "im_ingest_write_batch_messages",
+        Unit::Count,
+        "Messages written in one transaction of the shared write stage",
     ),
 ];
 

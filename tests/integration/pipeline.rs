@@ -205,6 +205,26 @@ async fn with_lock_mode_none_a_record_whose_lock_is_held_elsewhere_is_stored_at_
 }
 
 #[tokio::test]
+async fn a_lock_freed_within_the_in_process_wait_is_taken_without_a_delay_record() {
+    // Another worker's batch holds the user's lock for 60 ms: less than the 150 ms of
+    // in-process pauses a conflicted batch may spend before it goes to a delay topic.
+    let (env, pipeline, pool) = setup().await;
+    let locked = unique("locked");
+    let _outside = OutsideLock::hold(&locked, Some(Duration::from_millis(60))).await;
+    let outcomes = pipeline
+        .process_batch(vec![record(&env.inbound, 0, &payload(&locked, "waited-1"))])
+        .await
+        .unwrap();
+    assert_eq!(outcomes, [Outcome::Stored]);
+    assert!(
+        read_all(&env.first_delay_topic()).is_empty(),
+        "the record went through a delay topic"
+    );
+    pool.close().await;
+    env.drop_database().await;
+}
+
+#[tokio::test]
 async fn due_time_is_shortened_to_a_short_remaining_lock_ttl() {
     // A 5 s delay and a lock with 1 s left: the record should be due in about 1 s (the
     // remaining TTL jittered up to +20%, plus a 25 ms margin), far sooner than 5 s.

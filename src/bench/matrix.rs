@@ -6,7 +6,7 @@
 
 use serde::Serialize;
 
-use super::workload::Spread;
+use super::workload::{Keys, Spread};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -139,6 +139,14 @@ impl Scenario {
     /// backlog rate, which would set the offered load, is the broker's, not a consumer's).
     pub fn measures(self, contender: ContenderKind) -> bool {
         !(self == Scenario::Steady && contender == ContenderKind::Noop)
+    }
+
+    /// How the scenario's records are keyed: the group's producer sends no key.
+    pub fn keys(self) -> Keys {
+        match self {
+            Scenario::Group => Keys::None,
+            _ => Keys::Random,
+        }
     }
 
     /// Whether the records are all sent before the contender starts.

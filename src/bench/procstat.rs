@@ -119,9 +119,16 @@ mod tests {
     #[test]
     fn this_process_has_cpu_time_and_a_peak_rss() {
         let pid = std::process::id();
-        let burn: u64 = (0..5_000_000u64).map(|n| n % 7).sum();
+        let before = cpu_seconds(pid).expect("this process's CPU time");
+        // Burn about 0.2 s of CPU (clock ticks are 10 ms): the reading must rise.
+        let started = std::time::Instant::now();
+        let mut burn = 0u64;
+        while started.elapsed() < std::time::Duration::from_millis(200) {
+            burn = burn.wrapping_add(std::hint::black_box((0..10_000u64).sum::<u64>()));
+        }
         assert!(burn > 0);
-        assert!(cpu_seconds(pid).is_some_and(|s| s >= 0.0));
+        let after = cpu_seconds(pid).expect("this process's CPU time");
+        assert!(after - before >= 0.1, "{before} -> {after}");
         assert!(peak_rss_bytes(pid).is_some_and(|b| b > 1024 * 1024));
         assert!(cpu_seconds(u32::MAX).is_none(), "no such process");
     }

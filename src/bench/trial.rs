@@ -196,7 +196,13 @@ impl Bench {
             self.measure(spec, &names).await
         }
         .await;
-        self.clean_up().await?;
+        let cleaned = self.clean_up().await;
+        if result.is_ok() {
+            cleaned?;
+        } else if let Err(error) = cleaned {
+            // The trial's own error is the one to report.
+            tracing::warn!("cleaning up after a failed trial: {error:#}");
+        }
         result.with_context(|| {
             format!(
                 "run {}, scenario {}, contender {}",
@@ -214,12 +220,15 @@ impl Bench {
         if let Some(original) = self.original_flush_at_commit {
             self.set_flush_at_commit(original).await?;
         }
-        let names = self.current.lock().expect("not poisoned").take();
+        // Forgotten only once removed: an interrupt in between leaves them to the
+        // bench's own clean-up.
+        let names = self.current.lock().expect("not poisoned").clone();
         if let Some(names) = names {
             let mut topics = vec![names.inbound.clone(), names.dlq.clone()];
             topics.extend(self.delay_topics(&names));
             self.probe.delete_topics(&topics).await;
             drop_database(&names.database).await?;
+            *self.current.lock().expect("not poisoned") = None;
         }
         Ok(())
     }
@@ -239,7 +248,15 @@ impl Bench {
         let mut sent: Vec<BenchMessage> = Vec::new();
         let held = if spec.scenario.is_backlog() {
             sent = workload::backlog(&trial_id, self.messages, spread);
-            Some(workload::HeldBacklog::send(&self.settings.kafka, &names.inbound, &sent).await?)
+            Some(
+                workload::HeldBacklog::send(
+                    &self.settings.kafka,
+                    &names.inbound,
+                    &sent,
+                    spec.scenario.keys(),
+                )
+                .await?,
+            )
         } else {
             None
         };

@@ -129,11 +129,13 @@ pub struct HeldBacklog {
 }
 
 impl HeldBacklog {
-    /// Sends every message [`COPIES`] times inside one transaction, leaving it open.
+    /// Sends every message [`COPIES`] times inside one transaction, leaving it open;
+    /// with [`Keys::None`] the records carry no key (the partitioner spreads them).
     pub async fn send(
         kafka: &KafkaSettings,
         topic: &str,
         messages: &[BenchMessage],
+        keys: Keys,
     ) -> anyhow::Result<Self> {
         let producer: FutureProducer = kafka
             .client_config()
@@ -142,6 +144,9 @@ impl HeldBacklog {
                 "transactional.id",
                 format!("im-ingest-bench-{:016x}", rand::random::<u64>()),
             )
+            // Open through sending, the contenders' start and their join (up to a
+            // minute): well past librdkafka's 60 s default, within the broker's 15 min.
+            .set("transaction.timeout.ms", "600000")
             .create()
             .context("creating the bench's transactional producer")?;
         tokio::task::block_in_place(|| {
@@ -153,7 +158,7 @@ impl HeldBacklog {
              transaction state log: transaction.state.log.replication.factor and \
              min.isr no larger than its broker count)",
         )?;
-        let ends = send_all(&producer, topic, messages).await?;
+        let ends = send_with(&producer, topic, messages, keys).await?;
         Ok(Self { producer, ends })
     }
 
@@ -165,12 +170,30 @@ impl HeldBacklog {
     }
 }
 
+/// How the records of a scenario are keyed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keys {
+    /// Each record its own random key, as platforms and their retries send them.
+    Random,
+    /// No key at all: an unkeyed producer.
+    None,
+}
+
 /// Sends every message [`COPIES`] times (copies back to back, each with its own random
 /// key) and waits for every acknowledgement. Returns where each partition now ends.
 pub async fn send_all(
     producer: &FutureProducer,
     topic: &str,
     messages: &[BenchMessage],
+) -> anyhow::Result<PartitionEnds> {
+    send_with(producer, topic, messages, Keys::Random).await
+}
+
+async fn send_with(
+    producer: &FutureProducer,
+    topic: &str,
+    messages: &[BenchMessage],
+    keys: Keys,
 ) -> anyhow::Result<PartitionEnds> {
     let mut ends = PartitionEnds::new();
     let mut note = |(partition, offset): (i32, i64)| {
@@ -188,6 +211,7 @@ pub async fn send_all(
                 topic.to_string(),
                 message.to_json(),
                 message.sent_at,
+                keys,
             ));
         }
     }
@@ -203,16 +227,17 @@ async fn send_one(
     topic: String,
     value: String,
     timestamp: i64,
+    keys: Keys,
 ) -> anyhow::Result<(i32, i64)> {
     let key = format!("{:016x}", rand::random::<u64>());
+    let mut record = FutureRecord::to(&topic)
+        .payload(&value)
+        .timestamp(timestamp);
+    if keys == Keys::Random {
+        record = record.key(&key);
+    }
     let delivered = producer
-        .send(
-            FutureRecord::to(&topic)
-                .key(&key)
-                .payload(&value)
-                .timestamp(timestamp),
-            SEND_TIMEOUT,
-        )
+        .send(record, SEND_TIMEOUT)
         .await
         .map_err(|(error, _)| error)
         .with_context(|| format!("sending a bench record to {topic}"))?;

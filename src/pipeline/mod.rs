@@ -5,8 +5,9 @@
 //! its rows committed, or the record acknowledged by the delay or dead-letter topic — so
 //! its offset may be stored. An `Err` means nothing about the record is settled and it
 //! must be processed again (the writes are idempotent, so "again" is always safe). Bad
-//! input is dead-lettered, never retried; a lock held elsewhere sends the record to a
-//! delay topic instead of waiting; a Redis that fails is bypassed (degraded mode) because
+//! input is dead-lettered, never retried; a lock held elsewhere is tried again
+//! in-process for at most 150 ms, then the record goes to a delay topic instead of
+//! waiting longer; a Redis that fails is bypassed (degraded mode) because
 //! the unique indexes alone already prevent duplicates. So is a lock that kept changing
 //! hands until the record's last attempt (see `contention`).
 

@@ -6,7 +6,7 @@
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 
 use crate::message::INVALID_MESSAGE_FQCN;
-use crate::pipeline::LOCK_HELD_FQCN;
+use crate::pipeline::{DATABASE_REJECTED_FQCN, LOCK_HELD_FQCN};
 
 /// Outcome labels of `im_ingest_records_total` (see `Outcome::label`).
 const OUTCOMES: [&str; 5] = [
@@ -99,7 +99,7 @@ pub fn register_all() {
         "im_ingest_dead_letters_total",
         "Records dead-lettered, by reason (error class)"
     );
-    for reason in [INVALID_MESSAGE_FQCN, LOCK_HELD_FQCN] {
+    for reason in [INVALID_MESSAGE_FQCN, LOCK_HELD_FQCN, DATABASE_REJECTED_FQCN] {
         metrics::counter!("im_ingest_dead_letters_total", "reason" => reason).increment(0);
     }
     describe_counter!(

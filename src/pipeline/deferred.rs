@@ -5,7 +5,9 @@
 //! Guarantee: a batch's results stay a prefix of settled records followed by at most
 //! one error, as `Pipeline::process_user_batch` promises: when a write fails, every
 //! record from its first message on is reported unsettled (the error in its place,
-//! nothing after it), so the caller processes them again — idempotently.
+//! nothing after it), so the caller processes them again — idempotently. When the
+//! database refuses the data itself (see [`is_refusal`]), the messages are written one
+//! by one and only the refused one is dead-lettered (`im_ingest::DatabaseRejected`).
 
 use super::{Job, Outcome, Pipeline};
 use crate::message::ChatMessage;
@@ -56,14 +58,7 @@ impl Pipeline {
         let waiting = std::mem::take(&mut results.waiting);
         let items: Vec<(ChatMessage, Provenance)> = waiting
             .iter()
-            .map(|(_, job, message)| {
-                let provenance = Provenance {
-                    topic: job.origin.topic.clone(),
-                    partition: job.origin.partition,
-                    offset: job.origin.offset,
-                };
-                ((*message).clone(), provenance)
-            })
+            .map(|(_, job, message)| ((*message).clone(), provenance(job)))
             .collect();
         crate::failpoint::delay("slow_db_write").await;
         let written = self.writer.write(items).await;
@@ -73,16 +68,11 @@ impl Pipeline {
                     "after_db_commit"
                 ));
                 for ((index, _, _), outcome) in waiting.iter().zip(outcomes) {
-                    let outcome = match outcome {
-                        WriteOutcome::Stored => Outcome::Stored,
-                        WriteOutcome::Duplicate => Outcome::Duplicate,
-                    };
-                    metrics::counter!("im_ingest_records_total", "outcome" => outcome.label())
-                        .increment(1);
-                    results.results[*index] = Some(Ok(outcome));
+                    settle(results, *index, outcome);
                 }
                 true
             }
+            Err(error) if is_refusal(&error) => self.isolate(results, waiting).await,
             Err(error) => {
                 results.results.truncate(first);
                 results.results.push(Some(Err(error)));
@@ -90,4 +80,83 @@ impl Pipeline {
             }
         }
     }
+
+    /// The database refused the batch's rows: each message is written alone, and one
+    /// that is refused again goes to the dead-letter topic as `DatabaseRejected` with
+    /// the database's reason — the partition moves on, and no other record is lost.
+    async fn isolate(
+        &self,
+        results: &mut Results<'_>,
+        waiting: Vec<(usize, &Job, &ChatMessage)>,
+    ) -> bool {
+        for (index, job, message) in waiting {
+            let provenance = provenance(job);
+            let written = self.writer.write(vec![(message.clone(), provenance)]).await;
+            let outcome = match written {
+                Ok(mut outcomes) => Ok(outcomes.pop().expect("one message, one outcome")),
+                Err(error) if is_refusal(&error) => {
+                    let reason = format!("{error:#}");
+                    tracing::warn!(%reason, "the database refused a message; dead-lettering it");
+                    match self
+                        .dead_letter(job, job.attempts, DATABASE_REJECTED_FQCN, &reason)
+                        .await
+                    {
+                        Ok(outcome) => {
+                            results.results[index] = Some(Ok(outcome));
+                            continue;
+                        }
+                        Err(error) => Err(error),
+                    }
+                }
+                Err(error) => Err(error),
+            };
+            match outcome {
+                Ok(outcome) => settle(results, index, outcome),
+                Err(error) => {
+                    results.results.truncate(index);
+                    results.results.push(Some(Err(error)));
+                    return false;
+                }
+            }
+        }
+        true
+    }
+}
+
+/// Error class of messages whose rows the database refuses (DESIGN.md, "Dead-letter").
+pub const DATABASE_REJECTED_FQCN: &str = "im_ingest::DatabaseRejected";
+
+/// MySQL/MariaDB errors that refuse the data itself, so running the same rows again can
+/// never succeed: a trigger's `SIGNAL` (1644), data too long (1406), an incorrect
+/// string value (1366), a NULL into a NOT NULL column (1048), a foreign key (1452) or a
+/// CHECK constraint (3819 MySQL, 4025 MariaDB). Anything else — a lost connection, a
+/// timeout, a full disk — is worth retrying.
+fn is_refusal(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .filter_map(|cause| cause.downcast_ref::<sqlx::Error>())
+        .filter_map(|sqlx_error| match sqlx_error {
+            sqlx::Error::Database(db) => db
+                .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+                .map(|e| e.number()),
+            _ => None,
+        })
+        .any(|number| matches!(number, 1644 | 1406 | 1366 | 1048 | 1452 | 3819 | 4025))
+}
+
+fn provenance(job: &Job) -> Provenance {
+    Provenance {
+        topic: job.origin.topic.clone(),
+        partition: job.origin.partition,
+        offset: job.origin.offset,
+    }
+}
+
+fn settle(results: &mut Results<'_>, index: usize, outcome: WriteOutcome) {
+    let outcome = match outcome {
+        WriteOutcome::Stored => Outcome::Stored,
+        WriteOutcome::Duplicate => Outcome::Duplicate,
+    };
+    metrics::counter!("im_ingest_records_total", "outcome" => outcome.label()).increment(1);
+    results.results[index] = Some(Ok(outcome));
 }

@@ -25,6 +25,7 @@ use anyhow::Context;
 use sqlx::MySqlPool;
 
 use contention::{changed_hands, lock_held_message};
+pub use deferred::DATABASE_REJECTED_FQCN;
 pub use degraded::RedisHealth;
 pub use record::{now_millis, Job, Record};
 pub use writer::BatchWriter;

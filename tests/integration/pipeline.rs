@@ -225,6 +225,46 @@ async fn a_lock_freed_within_the_in_process_wait_is_taken_without_a_delay_record
 }
 
 #[tokio::test]
+async fn a_message_the_database_refuses_is_dead_lettered_and_the_rest_of_the_batch_is_stored() {
+    let (env, pipeline, pool) = setup().await;
+    sqlx::raw_sql(
+        "CREATE TRIGGER refuse_poison BEFORE INSERT ON message FOR EACH ROW \
+         IF NEW.external_message_id = 'poison' THEN \
+         SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'refused by test trigger'; END IF",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (ann, bob) = (unique("ann"), unique("bob"));
+    let outcomes = pipeline
+        .process_batch(vec![
+            record(&env.inbound, 0, &payload(&ann, "ok-1")),
+            record(&env.inbound, 1, &payload(&ann, "poison")),
+            record(&env.inbound, 2, &payload(&ann, "ok-2")),
+            record(&env.inbound, 3, &payload(&bob, "ok-3")),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(outcomes[0], Outcome::Stored);
+    assert!(
+        matches!(&outcomes[1], Outcome::DeadLettered { reason } if reason.contains("refused by test trigger")),
+        "{outcomes:?}"
+    );
+    assert_eq!(outcomes[2..], [Outcome::Stored, Outcome::Stored]);
+    assert_eq!(count(&pool, "SELECT COUNT(*) FROM message").await, 3);
+    let dead = read_all(&env.dlq);
+    assert_eq!(dead.len(), 1);
+    use rdkafka::Message;
+    let headers = RetryHeaders::from_headers(dead[0].headers().unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(headers.exception_fqcn, "im_ingest::DatabaseRejected");
+    assert_eq!(headers.origin.offset, 1);
+    pool.close().await;
+    env.drop_database().await;
+}
+
+#[tokio::test]
 async fn due_time_is_shortened_to_a_short_remaining_lock_ttl() {
     // A 5 s delay and a lock with 1 s left: the record should be due in about 1 s (the
     // remaining TTL jittered up to +20%, plus a 25 ms margin), far sooner than 5 s.

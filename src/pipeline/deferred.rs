@@ -102,6 +102,8 @@ impl Pipeline {
                         .await
                     {
                         Ok(outcome) => {
+                            metrics::counter!("im_ingest_records_total", "outcome" => outcome.label())
+                                .increment(1);
                             results.results[index] = Some(Ok(outcome));
                             continue;
                         }

@@ -211,8 +211,9 @@ impl Pipeline {
     /// record). Until it is taken, each message tries it anew, so a conflict delays only
     /// the records that met it. The messages to store are written together, in one
     /// transaction, before the lock is released (see `deferred`): a hold lasts one pass
-    /// over the batch (no I/O once the lock is held) and one transaction, far below a
-    /// quarter of the lease (`LockClient::longest_hold`) — so a record of this user
+    /// over the batch (no I/O once the lock is held), the wait for a free writer and one
+    /// transaction — normally far below a quarter of the lease
+    /// (`LockClient::longest_hold`; a database stall stretches it) — so a record of this user
     /// delayed elsewhere, which waits longer than that before its last attempt, never
     /// meets one busy holder at both of its last two attempts, which would read as a
     /// stuck lock and dead-letter it (see `contention`). Returns one result per record,

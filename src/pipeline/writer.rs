@@ -4,10 +4,11 @@
 //!
 //! Guarantee: each request gets back the outcomes of exactly its own messages, in its
 //! order, only after the transaction that wrote them committed — or an error, and then
-//! nothing of it is settled. A combined transaction that fails is run again request by
-//! request, so a request whose rows the database refuses fails alone and the others are
-//! stored. Batches form by themselves under load (requests queue while every writer is
-//! busy) and add no wait when the worker is idle.
+//! nothing of it is settled. A combined transaction that fails (tried once) is run again
+//! request by request, each with the usual in-place retries, so a request whose rows the
+//! database refuses fails alone and the others are stored. Batches form by themselves
+//! under load (requests queue while every writer is busy) and add no wait when the
+//! worker is idle.
 
 use std::sync::Arc;
 
@@ -16,7 +17,7 @@ use sqlx::MySqlPool;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::message::ChatMessage;
-use crate::store::{write_batch, BatchItem, Provenance, WriteOutcome};
+use crate::store::{write_batch, write_batch_once, BatchItem, Provenance, WriteOutcome};
 
 /// One user batch's messages to write, and where its outcomes go.
 struct Request {
@@ -94,7 +95,9 @@ async fn write_requests(pool: &MySqlPool, batch: Vec<Request>) {
             .iter()
             .flat_map(|r| r.items.iter().map(|(m, p)| (m, p)))
             .collect();
-        match write_batch(pool, &items).await {
+        // Tried once: a combined batch that meets a deadlock or a row lock held elsewhere
+        // is split at once rather than holding every user in it through retries.
+        match write_batch_once(pool, &items).await {
             Ok(outcomes) => {
                 let mut outcomes = outcomes.into_iter();
                 for request in batch {

@@ -58,16 +58,7 @@ pub async fn write_batch(
     items: &[BatchItem<'_>],
 ) -> Result<Vec<WriteOutcome>, sqlx::Error> {
     for _ in 0..MAX_TRANSACTION_ATTEMPTS {
-        let written = with_retries(|| async {
-            let mut tx = pool.begin().await?;
-            let outcomes = try_write_batch(&mut tx, items).await?;
-            match outcomes {
-                Some(_) => tx.commit().await?,
-                None => tx.rollback().await?,
-            }
-            Ok(outcomes)
-        })
-        .await?;
+        let written = with_retries(|| batch_transaction(pool, items)).await?;
         if let Some(outcomes) = written {
             return Ok(outcomes);
         }
@@ -77,6 +68,33 @@ pub async fn write_batch(
         "other writers inserted messages of this batch during each of \
          {MAX_TRANSACTION_ATTEMPTS} attempts"
     )))
+}
+
+/// [`write_batch`] tried once: any failure — a deadlock, a lock-wait timeout, a race —
+/// is returned at once. For a combined batch of many users, whose caller would rather
+/// split it than have all of them wait through retries.
+pub async fn write_batch_once(
+    pool: &MySqlPool,
+    items: &[BatchItem<'_>],
+) -> Result<Vec<WriteOutcome>, sqlx::Error> {
+    batch_transaction(pool, items).await?.ok_or_else(|| {
+        sqlx::Error::Protocol("another writer inserted messages of this batch".into())
+    })
+}
+
+/// One transaction of [`try_write_batch`]: committed when it could tell the outcomes,
+/// rolled back (and `None`) when it was raced.
+async fn batch_transaction(
+    pool: &MySqlPool,
+    items: &[BatchItem<'_>],
+) -> Result<Option<Vec<WriteOutcome>>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let outcomes = try_write_batch(&mut tx, items).await?;
+    match outcomes {
+        Some(_) => tx.commit().await?,
+        None => tx.rollback().await?,
+    }
+    Ok(outcomes)
 }
 
 /// Runs a transaction until it succeeds, fails otherwise than by a deadlock or a

@@ -198,8 +198,7 @@ pub async fn run(
     progress.finish_and_clear();
     report::fill_ratios(&mut trials);
     let summary = report::summarize(&trials);
-    println!("{}\n", report::throughput_table(&summary));
-    println!("{}", report::cost_table(&summary));
+    print_tables(&summary)?;
     if let Some(path) = &args.json {
         let document = Document {
             revision: git_revision(),
@@ -278,6 +277,17 @@ async fn run_trials(
         }
     }
     Ok((trials, ideal_batch_trials))
+}
+
+/// The bench's result on standard output (the command's output, unlike its logs and
+/// progress, which go to standard error).
+fn print_tables(summary: &[Summary]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}\n", report::throughput_table(summary))?;
+    writeln!(out, "{}", report::cost_table(summary))?;
+    out.flush()?;
+    Ok(())
 }
 
 /// A progress bar on a terminal; hidden otherwise (each trial is then logged).

@@ -330,3 +330,16 @@ impl OutsideLock {
             .unwrap();
     }
 }
+
+/// Makes the database refuse every message row with this id (a trigger's `SIGNAL`,
+/// reason "refused by test trigger"), as a schema limit or a business rule would.
+pub async fn refuse_message_id(pool: &sqlx::MySqlPool, message_id: &str) {
+    sqlx::raw_sql(&format!(
+        "CREATE TRIGGER refuse_message BEFORE INSERT ON message FOR EACH ROW \
+         IF NEW.external_message_id = '{message_id}' THEN \
+         SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'refused by test trigger'; END IF"
+    ))
+    .execute(pool)
+    .await
+    .unwrap();
+}

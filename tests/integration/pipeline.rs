@@ -10,7 +10,7 @@ use im_ingest::retry::headers::RetryHeaders;
 use im_ingest::worker::build_pipeline;
 use sqlx::MySqlPool;
 
-use crate::helpers::{unique, OutsideLock, WorkerEnv};
+use crate::helpers::{refuse_message_id, unique, OutsideLock, WorkerEnv};
 use crate::kafka_util::{header, read_all};
 
 pub fn payload(customer: &str, message_id: &str) -> String {
@@ -227,14 +227,7 @@ async fn a_lock_freed_within_the_in_process_wait_is_taken_without_a_delay_record
 #[tokio::test]
 async fn a_message_the_database_refuses_is_dead_lettered_and_the_rest_of_the_batch_is_stored() {
     let (env, pipeline, pool) = setup().await;
-    sqlx::raw_sql(
-        "CREATE TRIGGER refuse_poison BEFORE INSERT ON message FOR EACH ROW \
-         IF NEW.external_message_id = 'poison' THEN \
-         SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'refused by test trigger'; END IF",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    refuse_message_id(&pool, "poison").await;
     let (ann, bob) = (unique("ann"), unique("bob"));
     let outcomes = pipeline
         .process_batch(vec![

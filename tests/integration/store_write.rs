@@ -6,7 +6,7 @@ use im_ingest::message::{ChatMessage, Profile};
 use im_ingest::store::{self, write_batch, write_message, Provenance, WriteOutcome};
 use sqlx::MySqlPool;
 
-use crate::helpers::{unique, TestDatabase};
+use crate::helpers::{refuse_message_id, unique, TestDatabase};
 
 async fn migrated_pool() -> (TestDatabase, MySqlPool) {
     let db = TestDatabase::reserve();
@@ -296,19 +296,13 @@ async fn concurrent_batches_of_the_same_messages_store_each_exactly_once() {
 #[tokio::test]
 async fn a_request_the_database_refuses_fails_alone_in_the_shared_write_stage() {
     let (db, pool) = migrated_pool().await;
-    sqlx::raw_sql(
-        "CREATE TRIGGER refuse_poison BEFORE INSERT ON message FOR EACH ROW \
-         IF NEW.external_message_id = 'poison' THEN \
-         SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'refused by test trigger'; END IF",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    refuse_message_id(&pool, "poison").await;
     let writer = im_ingest::pipeline::BatchWriter::start(pool.clone(), 1, 500);
     let request = |customer: &str, id: &str, offset: i64| {
         vec![(chat(customer, id, 1_000 + offset), provenance(offset))]
     };
-    // Sent at once to one writer, so they queue up and are written together first.
+    // Sent at once to one writer: most likely they queue up and are written together
+    // first; either way only the refused one may fail.
     let (good, poisoned, other) = tokio::join!(
         writer.write(request(&unique("a"), "m-a", 1)),
         writer.write(request(&unique("p"), "poison", 2)),

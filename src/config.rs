@@ -247,11 +247,20 @@ pub struct WorkerSettings {
     /// At shutdown, how long in-flight records get to finish before offsets are
     /// committed and the process exits (unfinished ones are redelivered later).
     pub shutdown_deadline_ms: u64,
-    /// Transactions the shared write stage runs at once; the messages that arrive while
-    /// they all run are written together in the next one.
-    pub write_concurrency: usize,
-    /// Most messages one write transaction takes (a user batch is never split).
-    pub write_batch_messages: usize,
+    /// Batches processed at once, each on its own database connection; the records that
+    /// arrive while they all run form the next batch.
+    pub batch_concurrency: usize,
+    /// Records at which a batch stops growing (one user's records are never split).
+    pub batch_max_records: usize,
+    /// Bytes of record values at which a batch stops growing.
+    pub batch_max_bytes: usize,
+    /// How long a batch waits for more records when it could take more; 0 takes what is
+    /// queued, so batches grow with the load and an idle worker adds no wait.
+    pub batch_linger_ms: u64,
+    /// How long a batch's transaction may wait inside the database (a row lock held by
+    /// another transaction) before it is interrupted and its users are written one by
+    /// one, so one blocked user holds up the others for about this long at most.
+    pub write_stall_ms: u64,
 }
 
 impl Default for WorkerSettings {
@@ -262,8 +271,11 @@ impl Default for WorkerSettings {
             db_retry_initial_ms: 100,
             db_retry_max_ms: 5_000,
             shutdown_deadline_ms: 20_000,
-            write_concurrency: 4,
-            write_batch_messages: 500,
+            batch_concurrency: 4,
+            batch_max_records: 500,
+            batch_max_bytes: 4 * 1024 * 1024,
+            batch_linger_ms: 0,
+            write_stall_ms: 300,
         }
     }
 }
@@ -528,13 +540,31 @@ impl Settings {
             self.worker.max_in_flight > 0,
             "invalid configuration: `worker.max_in_flight` must be at least 1"
         );
+        for (key, value) in [
+            ("batch_concurrency", self.worker.batch_concurrency),
+            ("batch_max_records", self.worker.batch_max_records),
+            ("batch_max_bytes", self.worker.batch_max_bytes),
+        ] {
+            anyhow::ensure!(
+                value > 0,
+                "invalid configuration: `worker.{key}` must be at least 1"
+            );
+        }
         anyhow::ensure!(
-            self.worker.write_concurrency > 0,
-            "invalid configuration: `worker.write_concurrency` must be at least 1"
+            self.worker.batch_concurrency <= self.database.max_connections as usize,
+            "invalid configuration: `worker.batch_concurrency` ({}) must not exceed \
+             `database.max_connections` ({}): each batch holds a connection",
+            self.worker.batch_concurrency,
+            self.database.max_connections
         );
         anyhow::ensure!(
-            self.worker.write_batch_messages > 0,
-            "invalid configuration: `worker.write_batch_messages` must be at least 1"
+            self.worker.batch_linger_ms <= 1_000,
+            "invalid configuration: `worker.batch_linger_ms` must be at most 1000 \
+             (a linger holds every record of the batch)"
+        );
+        anyhow::ensure!(
+            self.worker.write_stall_ms >= 50,
+            "invalid configuration: `worker.write_stall_ms` must be at least 50"
         );
         anyhow::ensure!(
             self.lock.lease_ms >= 30,
@@ -607,15 +637,23 @@ mod tests {
     }
 
     #[test]
-    fn write_stage_knobs_default_to_four_writers_of_500_and_zero_names_the_key() {
+    fn batch_knobs_have_their_defaults_and_an_out_of_range_value_names_the_key() {
         let s = load_with("", &[]).unwrap();
+        let w = &s.worker;
         assert_eq!(
-            (s.worker.write_concurrency, s.worker.write_batch_messages),
-            (4, 500)
+            (w.batch_concurrency, w.batch_max_records, w.batch_max_bytes),
+            (4, 500, 4 * 1024 * 1024)
         );
-        for key in ["write_concurrency", "write_batch_messages"] {
+        assert_eq!((w.batch_linger_ms, w.write_stall_ms), (0, 300));
+        for (key, value) in [
+            ("batch_concurrency", "0"),
+            ("batch_max_records", "0"),
+            ("batch_max_bytes", "0"),
+            ("batch_linger_ms", "1001"),
+            ("write_stall_ms", "49"),
+        ] {
             let env = format!("WORKER__{}", key.to_uppercase());
-            let err = load_with("", &[(env.as_str(), "0")]).unwrap_err();
+            let err = load_with("", &[(env.as_str(), value)]).unwrap_err();
             assert!(
                 format!("{err:#}").contains(&format!("worker.{key}")),
                 "{err:#}"

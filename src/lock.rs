@@ -108,36 +108,86 @@ impl LockClient {
     /// One round trip: `SET NX PX` and, for the case it fails, `PTTL` and `GET` of the
     /// holder.
     pub async fn acquire(&self, user: &UserKey) -> redis::RedisResult<Acquire> {
-        let key = lock_key(user);
-        let token = new_token();
-        let mut connection = self.connection.clone();
-        let (set, pttl, holder): (Option<String>, i64, Option<String>) = redis::pipe()
-            .cmd("SET")
-            .arg(&key)
-            .arg(&token)
-            .arg("NX")
-            .arg("PX")
-            .arg(millis(self.lease))
-            .cmd("PTTL")
-            .arg(&key)
-            .cmd("GET")
-            .arg(&key)
-            .query_async(&mut connection)
-            .await?;
-        if set.is_some() {
-            metrics::counter!("im_ingest_lock_acquisitions_total").increment(1);
-            return Ok(Acquire::Acquired(self.guard(key, token)));
+        let mut acquired = self.acquire_many(std::slice::from_ref(user)).await?;
+        Ok(acquired.pop().expect("one user, one answer"))
+    }
+
+    /// Tries every user's lock in one pipelined round trip: per key `SET NX PX`, then
+    /// `PTTL` and `GET` for the case it is held (per-key commands, never one script
+    /// across users, so keys may live on different Redis Cluster slots). One answer per
+    /// user, in order.
+    pub async fn acquire_many(&self, users: &[UserKey]) -> redis::RedisResult<Vec<Acquire>> {
+        if users.is_empty() {
+            return Ok(Vec::new());
         }
-        metrics::counter!("im_ingest_lock_conflicts_total").increment(1);
-        let remaining = match pttl {
-            -1 => None,
-            // -2: the holder's key expired between SET and PTTL; it is free again.
-            ms => Some(Duration::from_millis(ms.max(0) as u64)),
-        };
-        Ok(Acquire::HeldElsewhere {
-            remaining,
-            holder: holder.as_deref().map(holder_fingerprint),
-        })
+        let keys: Vec<(String, String)> =
+            users.iter().map(|u| (lock_key(u), new_token())).collect();
+        let mut pipe = redis::pipe();
+        for (key, token) in &keys {
+            pipe.cmd("SET")
+                .arg(key)
+                .arg(token)
+                .arg("NX")
+                .arg("PX")
+                .arg(millis(self.lease))
+                .cmd("PTTL")
+                .arg(key)
+                .cmd("GET")
+                .arg(key);
+        }
+        let mut connection = self.connection.clone();
+        let replies: Vec<redis::Value> = pipe.query_async(&mut connection).await?;
+        let mut replies = replies.into_iter();
+        let mut answers = Vec::with_capacity(keys.len());
+        for (key, token) in keys {
+            let (Some(set), Some(pttl), Some(holder)) =
+                (replies.next(), replies.next(), replies.next())
+            else {
+                return Err(redis::RedisError::from(redis::ParsingError::from(
+                    "a lock pipeline answered fewer replies than it sent commands",
+                )));
+            };
+            let set: Option<String> = redis::from_redis_value(set)?;
+            let pttl: i64 = redis::from_redis_value(pttl)?;
+            let holder: Option<String> = redis::from_redis_value(holder)?;
+            answers.push(if set.is_some() {
+                metrics::counter!("im_ingest_lock_acquisitions_total").increment(1);
+                Acquire::Acquired(self.guard(key, token))
+            } else {
+                metrics::counter!("im_ingest_lock_conflicts_total").increment(1);
+                let remaining = match pttl {
+                    -1 => None,
+                    // -2: the holder's key expired between SET and PTTL; it is free again.
+                    ms => Some(Duration::from_millis(ms.max(0) as u64)),
+                };
+                Acquire::HeldElsewhere {
+                    remaining,
+                    holder: holder.as_deref().map(holder_fingerprint),
+                }
+            });
+        }
+        Ok(answers)
+    }
+
+    /// Gives back many held locks in one pipelined round trip (a compare-and-delete per
+    /// key); returns how many were still ours. A failure only leaves the keys to expire
+    /// with their leases.
+    pub async fn release_many(&self, guards: Vec<LockGuard>) -> redis::RedisResult<usize> {
+        if guards.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        for guard in &guards {
+            guard.keeper.abort();
+            pipe.cmd("EVAL")
+                .arg(RELEASE_SCRIPT)
+                .arg(1)
+                .arg(&guard.key)
+                .arg(&guard.token);
+        }
+        let mut connection = self.connection.clone();
+        let deleted: Vec<i64> = pipe.query_async(&mut connection).await?;
+        Ok(deleted.into_iter().filter(|d| *d == 1).count())
     }
 
     /// Starts the lease keeper for a key we hold.

@@ -18,7 +18,7 @@ const OUTCOMES: [&str; 5] = [
 ];
 
 /// Counters without labels: (name, help).
-const COUNTERS: [(&str, &str); 7] = [
+const COUNTERS: [(&str, &str); 8] = [
     ("im_ingest_lock_acquisitions_total", "Per-user locks taken"),
     (
         "im_ingest_lock_conflicts_total",
@@ -44,6 +44,10 @@ const COUNTERS: [(&str, &str); 7] = [
         "im_ingest_lock_waits_total",
         "In-process pauses before a held lock was tried again",
     ),
+    (
+        "im_ingest_db_write_stalls_total",
+        "Batch transactions interrupted after waiting worker.write_stall_ms in the database",
+    ),
 ];
 
 /// Gauges without labels, starting at 0: (name, help).
@@ -67,7 +71,7 @@ const GAUGES: [(&str, &str); 4] = [
 ];
 
 /// Histograms: (name, unit, help).
-const HISTOGRAMS: [(&str, Unit, &str); 4] = [
+const HISTOGRAMS: [(&str, Unit, &str); 5] = [
     (
         "im_ingest_processing_seconds",
         Unit::Seconds,
@@ -81,14 +85,22 @@ const HISTOGRAMS: [(&str, Unit, &str); 4] = [
     (
         "im_ingest_batch_size",
         Unit::Count,
-        "Records of one user processed under one lock hold",
+        "Records of one user batch",
+    ),
+    (
+        "im_ingest_stage_batch_records",
+        Unit::Count,
+        "Records of one batch (many users)",
     ),
     (
         "im_ingest_write_batch_messages",
         Unit::Count,
-        "Messages written in one transaction of the shared write stage",
+        "Messages written in one transaction",
     ),
 ];
+
+/// The `stage` labels of `im_ingest_stage_seconds`, in the order a batch runs them.
+const STAGES: [&str; 5] = ["connection", "lock", "write", "release", "route"];
 
 pub fn register_all() {
     describe_counter!("im_ingest_records_total", "Records processed, by outcome");
@@ -119,6 +131,14 @@ pub fn register_all() {
         "im_ingest_consumer_lag",
         "Records behind the partition's end, per topic and partition (librdkafka statistics)"
     );
+    describe_histogram!(
+        "im_ingest_stage_seconds",
+        Unit::Seconds,
+        "Time one batch spent in each stage"
+    );
+    for stage in STAGES {
+        let _ = metrics::histogram!("im_ingest_stage_seconds", "stage" => stage);
+    }
     for (name, unit, help) in HISTOGRAMS {
         describe_histogram!(name, unit, help);
         // Taking a handle registers the family; nothing is recorded.

@@ -16,7 +16,7 @@ use crate::config::Settings;
 use crate::consumer;
 use crate::health::Health;
 use crate::lock::LockClient;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{BatchLimits, Pipeline};
 use crate::retry::policy::RetryPolicy;
 use crate::retry::publish::Publisher;
 use crate::store;
@@ -54,11 +54,14 @@ pub async fn build_pipeline(settings: &Settings) -> anyhow::Result<Pipeline> {
         Duration::from_millis(settings.redis.probe_interval_ms),
     )
     .with_lock_mode(settings.lock.mode)
-    .with_write_stage(
-        settings.worker.write_concurrency,
-        settings.worker.write_batch_messages,
-    ))
+    .with_batch_limits(BatchLimits::from(&settings.worker)))
 }
+
+/// Buckets of the per-batch record and message counts (up to `worker.batch_max_records`
+/// and beyond).
+const BATCH_COUNT_BUCKETS: [f64; 12] = [
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
+];
 
 /// The process-wide metrics registry (Prometheus format), installed on first use.
 pub fn metrics_handle() -> &'static PrometheusHandle {
@@ -74,6 +77,16 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
             .set_buckets_for_metric(
                 Matcher::Full("im_ingest_batch_size".to_string()),
                 &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
+            )
+            .expect("the bucket list is not empty")
+            .set_buckets_for_metric(
+                Matcher::Full("im_ingest_stage_batch_records".to_string()),
+                &BATCH_COUNT_BUCKETS,
+            )
+            .expect("the bucket list is not empty")
+            .set_buckets_for_metric(
+                Matcher::Full("im_ingest_write_batch_messages".to_string()),
+                &BATCH_COUNT_BUCKETS,
             )
             .expect("the bucket list is not empty")
             .install_recorder()

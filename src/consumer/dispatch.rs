@@ -29,7 +29,7 @@ pub const MAX_USER_BATCH: usize = 32;
 
 /// A prepared record with its in-flight permit.
 pub struct Work {
-    pub job: Job,
+    pub job: Arc<Job>,
     /// Held, never read: dropping it (when the record is done) frees the slot.
     pub _permit: OwnedSemaphorePermit,
 }
@@ -107,7 +107,7 @@ impl<C: ConsumerContext + 'static> Dispatcher<C> {
         loop {
             let results = self
                 .pipeline
-                .process_user_batch(pending.iter().map(|w| &w.job))
+                .process_user_batch(pending.iter().map(|w| w.job.clone()).collect())
                 .await;
             let done = results.iter().take_while(|r| r.is_ok()).count();
             let error = results.into_iter().find_map(Result::err);

@@ -287,7 +287,7 @@ pub async fn run(
             metrics::gauge!("im_ingest_in_flight").set(tracker.in_flight() as f64);
         }
         dispatcher.dispatch(Work {
-            job,
+            job: Arc::new(job),
             _permit: permit,
         });
     }

@@ -1,5 +1,5 @@
-//! One record (or a batch of them) from decoded to durable: lock → write → release →
-//! outcome (DESIGN.md, "Flow").
+//! Records from decoded to durable (DESIGN.md, "Flow"), as stages that read top to
+//! bottom in `batch`: classify → lock → write → release → route → answer.
 //!
 //! Guarantee: when [`Pipeline::process`] returns `Ok`, the record's effect is durable —
 //! its rows committed, or the record acknowledged by the delay or dead-letter topic — so
@@ -7,62 +7,55 @@
 //! must be processed again (the writes are idempotent, so "again" is always safe). Bad
 //! input is dead-lettered, never retried; a lock held elsewhere is tried again
 //! in-process for at most 150 ms, then the record goes to a delay topic instead of
-//! waiting longer; a Redis that fails is bypassed (degraded mode) because
-//! the unique indexes alone already prevent duplicates. So is a lock that kept changing
-//! hands until the record's last attempt (see `contention`).
+//! waiting longer; a Redis that fails is bypassed (degraded mode) because the unique
+//! indexes alone already prevent duplicates. So is a lock that kept changing hands
+//! until the record's last attempt (see `contention`).
+//!
+//! Each user's records arrive as a user batch (one user, in order; see
+//! [`Pipeline::process_user_batch`]); `stage` gathers the user batches handed in
+//! meanwhile into one batch, up to the configured records, bytes and linger time, and
+//! runs it: one connection taken first, every user's lock in one pipelined round trip,
+//! every locked user's rows in one transaction, every lock released in one pipeline,
+//! every delay and dead-letter record published at once.
 
+mod batch;
 mod contention;
-mod deferred;
 mod degraded;
 mod record;
-mod writer;
+mod route;
+mod stage;
+mod write;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use sqlx::MySqlPool;
 
-use contention::{changed_hands, lock_held_message};
-pub use deferred::DATABASE_REJECTED_FQCN;
 pub use degraded::RedisHealth;
 pub use record::{now_millis, Job, Record};
-pub use writer::BatchWriter;
+pub use stage::BatchLimits;
+pub use write::DATABASE_REJECTED_FQCN;
 
 use crate::config::LockMode;
-use crate::lock::{Acquire, LockClient, LockGuard};
-use crate::message::{ChatMessage, Inbound, UserKey, INVALID_MESSAGE_FQCN};
-use crate::retry::headers::RetryHeaders;
-use crate::retry::policy::{NextStep, RetryPolicy};
+use crate::lock::LockClient;
+use crate::message::UserKey;
+use crate::retry::policy::RetryPolicy;
 use crate::retry::publish::Publisher;
-use crate::store::{write_message, Provenance, WriteOutcome};
+use batch::Stages;
+use stage::{StageHandle, UnitReply};
 
-/// Gives a batch's lock back. A failure only leaves the key to expire with its lease; the
-/// data is safe either way.
-async fn release(lock: Option<LockGuard>) {
-    if let Some(guard) = lock {
-        if let Err(error) = guard.release().await {
-            tracing::warn!(%error, "releasing the user lock failed");
-        }
-    }
-}
-
-/// What became of one record of a user batch, or that it waits for the batch's write.
-enum Step<'a> {
-    Done(Outcome),
-    Write(&'a ChatMessage),
-}
-
-/// Lock attempts a user batch makes in-process before its message goes to a delay topic (DESIGN.md,
-/// "Lock conflict is never a sleep"): a holder elsewhere usually finishes its batch — one
-/// transaction — within them, so workers of one group rarely send each other's users'
-/// records through the delay topics. Not delivery attempts: the retry headers do not
-/// count them.
+/// Lock attempts a user batch makes in-process before its messages go to a delay topic
+/// (DESIGN.md, "Lock conflict is never a sleep"): a holder elsewhere usually finishes
+/// its batch — one transaction — within them, so workers of one group rarely send each
+/// other's users' records through the delay topics. Not delivery attempts: the retry
+/// headers do not count them.
 const IN_PROCESS_LOCK_ATTEMPTS: u32 = 4;
 /// Pause between those attempts: 3 pauses, 150 ms in all, inside the contract's 200 ms.
-/// Only the waiting user's task sleeps; the partition's other users go on, and the
-/// record keeps its in-flight slot.
+/// Only the waiting user's batch waits (out of the stage: its place in the next batch is
+/// taken by others); the partition's other users go on, and the records keep their
+/// in-flight slots.
 const IN_PROCESS_LOCK_PAUSE: Duration = Duration::from_millis(50);
 
 /// Error class of records whose user lock stayed held through every attempt.
@@ -98,22 +91,16 @@ impl Outcome {
     }
 }
 
-/// Everything the processing step needs; cheap to clone (handles only).
+/// The processing step; cheap to clone (handles only).
 #[derive(Clone)]
 pub struct Pipeline {
     pub pool: MySqlPool,
-    pub locks: LockClient,
-    pub publisher: Publisher,
-    pub policy: RetryPolicy,
-    pub retry_topic_prefix: String,
-    pub dlq_topic: String,
-    pub consumer_group: String,
-    pub max_message_bytes: usize,
-    /// `lock.mode`: with `None`, records are written without the user lock.
-    pub lock_mode: LockMode,
-    /// The write stage every user batch hands its messages to.
-    writer: BatchWriter,
-    redis_health: Arc<RedisHealth>,
+    consumer_group: String,
+    max_message_bytes: usize,
+    stages: Arc<Stages>,
+    limits: BatchLimits,
+    /// Where user batches are handed in; the stage runs while a handle lives.
+    stage: StageHandle,
 }
 
 impl Pipeline {
@@ -129,37 +116,45 @@ impl Pipeline {
         max_message_bytes: usize,
         redis_probe_interval: Duration,
     ) -> Self {
-        let defaults = crate::config::WorkerSettings::default();
-        let writer = BatchWriter::start(
-            pool.clone(),
-            defaults.write_concurrency,
-            defaults.write_batch_messages,
-        );
-        Self {
-            pool,
+        let stages = Arc::new(Stages {
+            pool: pool.clone(),
             locks,
             publisher,
             policy,
             retry_topic_prefix,
             dlq_topic,
+            lock_mode: LockMode::Redis,
+            redis_health: Arc::new(RedisHealth::new(redis_probe_interval)),
+            stalled_users: Arc::default(),
+        });
+        let limits = BatchLimits::from(&crate::config::WorkerSettings::default());
+        Self {
+            stage: StageHandle::start(stages.clone(), limits),
+            pool,
             consumer_group,
             max_message_bytes,
-            lock_mode: LockMode::Redis,
-            writer,
-            redis_health: Arc::new(RedisHealth::new(redis_probe_interval)),
+            stages,
+            limits,
         }
     }
 
     /// Switches the user lock on or off (`lock.mode`; on by default).
     pub fn with_lock_mode(mut self, mode: LockMode) -> Self {
-        self.lock_mode = mode;
-        self
+        let mut stages = (*self.stages).clone();
+        stages.lock_mode = mode;
+        self.stages = Arc::new(stages);
+        self.restart_stage()
     }
 
-    /// Sizes the shared write stage (`worker.write_concurrency`,
-    /// `worker.write_batch_messages`).
-    pub fn with_write_stage(mut self, concurrency: usize, max_messages: usize) -> Self {
-        self.writer = BatchWriter::start(self.pool.clone(), concurrency, max_messages);
+    /// Sizes the batches and how many run at once (the `worker.batch_*` settings).
+    pub fn with_batch_limits(mut self, limits: BatchLimits) -> Self {
+        self.limits = limits;
+        self.restart_stage()
+    }
+
+    /// A stage with the current settings; the old one stops with its last handle.
+    fn restart_stage(mut self) -> Self {
+        self.stage = StageHandle::start(self.stages.clone(), self.limits);
         self
     }
 
@@ -167,23 +162,22 @@ impl Pipeline {
         Job::prepare(record, self.max_message_bytes, &self.consumer_group)
     }
 
-    /// Processes a batch: users concurrently, each user's records one at a time in
-    /// batch order under one lock (see [`Pipeline::process_user_batch`]). Returns one
-    /// outcome per record, in input order; stops at the first error (see the module
-    /// guarantee).
+    /// Processes a batch: users concurrently, each user's records in batch order as one
+    /// user batch (see [`Pipeline::process_user_batch`]). Returns one outcome per
+    /// record, in input order; stops at the first error (see the module guarantee).
     pub async fn process_batch(&self, records: Vec<Record>) -> anyhow::Result<Vec<Outcome>> {
-        let mut by_user: HashMap<Option<UserKey>, Vec<(usize, Job)>> = HashMap::new();
+        let mut by_user: HashMap<Option<UserKey>, Vec<(usize, Arc<Job>)>> = HashMap::new();
         let count = records.len();
         for (index, record) in records.into_iter().enumerate() {
-            let job = self.prepare(record);
+            let job = Arc::new(self.prepare(record));
             by_user.entry(job.user()).or_default().push((index, job));
         }
         let mut tasks = tokio::task::JoinSet::new();
         for (_, indexed) in by_user {
             let pipeline = self.clone();
             tasks.spawn(async move {
-                let (indexes, jobs): (Vec<usize>, Vec<Job>) = indexed.into_iter().unzip();
-                let results = pipeline.process_user_batch(jobs.iter()).await;
+                let (indexes, jobs): (Vec<usize>, Vec<Arc<Job>>) = indexed.into_iter().unzip();
+                let results = pipeline.process_user_batch(jobs).await;
                 let outcomes: anyhow::Result<Vec<Outcome>> = results.into_iter().collect();
                 anyhow::Ok(indexes.into_iter().zip(outcomes?).collect::<Vec<_>>())
             });
@@ -201,235 +195,31 @@ impl Pipeline {
     }
 
     /// Processes one prepared record; see the module guarantee.
-    pub async fn process(&self, job: &Job) -> anyhow::Result<Outcome> {
-        let mut results = self.process_user_batch(std::iter::once(job)).await;
+    pub async fn process(&self, job: Job) -> anyhow::Result<Outcome> {
+        let mut results = self.process_user_batch(vec![Arc::new(job)]).await;
         results.pop().expect("one record, one result")
     }
 
-    /// Processes records of one user in order, holding the user's lock across them once
-    /// it is taken (one acquisition and one release for the batch, instead of one per
-    /// record). Until it is taken, each message tries it anew, so a conflict delays only
-    /// the records that met it. The messages to store are written together, in one
-    /// transaction, before the lock is released (see `deferred`): a hold lasts one pass
-    /// over the batch (no I/O once the lock is held), the wait for a free writer and one
-    /// transaction — normally far below a quarter of the lease
-    /// (`LockClient::longest_hold`; a database stall stretches it) — so a record of this user
-    /// delayed elsewhere, which waits longer than that before its last attempt, never
-    /// meets one busy holder at both of its last two attempts, which would read as a
-    /// stuck lock and dead-letter it (see `contention`). Returns one result per record,
-    /// in order, up to and including the first error; records after an error are not
-    /// attempted (the module guarantee applies to each).
-    pub async fn process_user_batch<'a>(
-        &self,
-        jobs: impl ExactSizeIterator<Item = &'a Job> + Send,
-    ) -> Vec<anyhow::Result<Outcome>> {
+    /// Processes records of one user (or invalid records, which have none) in order,
+    /// as part of whatever batch the stage runs next: under one lock hold that lasts the
+    /// batch's transaction. When the user's lock is held elsewhere, the user batch waits
+    /// out of the stage and is handed in again, [`IN_PROCESS_LOCK_ATTEMPTS`] times in all;
+    /// after that its messages go on to a delay topic. Returns one result per record, in
+    /// order, up to and including the first error; records after an error are not
+    /// settled (the module guarantee applies to each).
+    pub async fn process_user_batch(&self, jobs: Vec<Arc<Job>>) -> Vec<anyhow::Result<Outcome>> {
         metrics::histogram!("im_ingest_batch_size").record(jobs.len() as f64);
-        let mut lock: Option<LockGuard> = None;
-        // In-process pauses left to this batch: once they are spent on a lock that stays
-        // held, the batch's other messages go straight to the delay topic.
-        let mut pauses = IN_PROCESS_LOCK_ATTEMPTS - 1;
-        let mut results = deferred::Results::with_capacity(jobs.len());
-        for job in jobs {
-            match self.process_with(job, &mut lock, &mut pauses).await {
-                Ok(Step::Done(outcome)) => results.settled(Ok(outcome)),
-                Ok(Step::Write(message)) => results.defer(job, message),
-                Err(error) => {
-                    if self.write_deferred(&mut results).await {
-                        results.settled(Err(error));
-                    }
-                    break;
-                }
-            }
-        }
-        self.write_deferred(&mut results).await;
-        release(lock).await;
-        results.into_results()
-    }
-
-    /// One record of a user batch; `lock` is the user's lock once this batch took it.
-    /// A message to store comes back as [`Step::Write`], for the batch's next write.
-    #[tracing::instrument(skip_all, fields(topic = %job.record.topic, partition = job.record.partition, offset = job.record.offset))]
-    async fn process_with<'a>(
-        &self,
-        job: &'a Job,
-        lock: &mut Option<LockGuard>,
-        pauses: &mut u32,
-    ) -> anyhow::Result<Step<'a>> {
-        let outcome = match &job.content {
-            Err(invalid) => {
-                tracing::warn!(reason = %invalid, "invalid record, dead-lettering it");
-                self.dead_letter(job, job.attempts, INVALID_MESSAGE_FQCN, &invalid.0)
-                    .await?
-            }
-            Ok(Inbound::Read(_)) => Outcome::ReadReceipt,
-            Ok(Inbound::Message(message)) => {
-                match self.store_under_lock(job, message, lock, pauses).await? {
-                    Some(outcome) => outcome,
-                    None => return Ok(Step::Write(message)),
-                }
-            }
-        };
-        metrics::counter!("im_ingest_records_total", "outcome" => outcome.label()).increment(1);
-        Ok(Step::Done(outcome))
-    }
-
-    /// `None` when the message is to be written (under `lock`, or without the lock when
-    /// it is off or Redis is failing); otherwise what became of it instead.
-    async fn store_under_lock(
-        &self,
-        job: &Job,
-        message: &ChatMessage,
-        lock: &mut Option<LockGuard>,
-        pauses: &mut u32,
-    ) -> anyhow::Result<Option<Outcome>> {
-        if lock.is_some() || self.lock_mode == LockMode::None {
-            return Ok(None);
-        }
-        if !self.redis_health.should_try_lock(Instant::now()) {
-            metrics::counter!("im_ingest_unlocked_writes_total").increment(1);
-            return Ok(None);
-        }
-        let user = message.user();
+        let mut pauses_left = IN_PROCESS_LOCK_ATTEMPTS - 1;
         loop {
-            match self.locks.acquire(&user).await {
-                Ok(Acquire::Acquired(guard)) => {
-                    self.redis_health.record_success();
-                    *lock = Some(guard);
-                    return Ok(None);
+            match self.stage.submit(jobs.clone(), pauses_left).await {
+                Ok(UnitReply::Done(results)) => return results,
+                Ok(UnitReply::LockHeld) => {
+                    metrics::counter!("im_ingest_lock_waits_total").increment(1);
+                    tokio::time::sleep(IN_PROCESS_LOCK_PAUSE).await;
+                    pauses_left -= 1;
                 }
-                Ok(Acquire::HeldElsewhere { remaining, holder }) => {
-                    self.redis_health.record_success();
-                    if *pauses > 0 {
-                        // Behind the holder's batch, which lasts one transaction; only
-                        // this user's records wait (see `IN_PROCESS_LOCK_PAUSE`).
-                        metrics::counter!("im_ingest_lock_waits_total").increment(1);
-                        tokio::time::sleep(IN_PROCESS_LOCK_PAUSE).await;
-                        *pauses -= 1;
-                        continue;
-                    }
-                    return self
-                        .retry_later(job, message, remaining, holder)
-                        .await
-                        .map(Some);
-                }
-                Err(error) => {
-                    self.redis_health.record_failure(Instant::now(), &error);
-                    metrics::counter!("im_ingest_unlocked_writes_total").increment(1);
-                    return Ok(None);
-                }
+                Err(error) => return vec![Err(error)],
             }
-        }
-    }
-
-    async fn write(&self, job: &Job, message: &ChatMessage) -> anyhow::Result<Outcome> {
-        let provenance = Provenance {
-            topic: job.origin.topic.clone(),
-            partition: job.origin.partition,
-            offset: job.origin.offset,
-        };
-        crate::failpoint::delay("slow_db_write").await;
-        let outcome = write_message(&self.pool, message, &provenance)
-            .await
-            .context("writing the message to the database")?;
-        fail::fail_point!("after_db_commit", |_| crate::failpoint::crash(
-            "after_db_commit"
-        ));
-        Ok(match outcome {
-            WriteOutcome::Stored => Outcome::Stored,
-            WriteOutcome::Duplicate => Outcome::Duplicate,
-        })
-    }
-
-    /// The lock is held elsewhere: to the next delay topic; once the attempts are used
-    /// up, to the dead-letter topic, or written without the lock if it changed hands
-    /// since the previous attempt (see `contention`). Never a sleep.
-    async fn retry_later(
-        &self,
-        job: &Job,
-        message: &ChatMessage,
-        remaining: Option<Duration>,
-        holder: Option<String>,
-    ) -> anyhow::Result<Outcome> {
-        match self
-            .policy
-            .next(job.attempts, remaining, rand::random::<f64>())
-        {
-            NextStep::Delay {
-                delay,
-                attempts,
-                wait,
-            } => {
-                let topic = RetryPolicy::topic_for(&self.retry_topic_prefix, delay);
-                let headers = self.headers(
-                    job,
-                    attempts,
-                    now_millis() + wait.as_millis() as i64,
-                    LOCK_HELD_FQCN,
-                    &lock_held_message("user lock held elsewhere", holder.as_deref()),
-                );
-                self.publisher
-                    .publish_for_user(&topic, &job.record, &headers, &message.user())
-                    .await?;
-                fail::fail_point!("after_delay_publish", |_| crate::failpoint::crash(
-                    "after_delay_publish"
-                ));
-                metrics::counter!("im_ingest_retries_total", "attempt" => attempts.to_string())
-                    .increment(1);
-                Ok(Outcome::Delayed { topic })
-            }
-            NextStep::DeadLetter { .. }
-                if changed_hands(job.previous_holder.as_deref(), holder.as_deref()) =>
-            {
-                tracing::info!(
-                    attempts = job.attempts,
-                    "lock changed hands since the last attempt; writing without it"
-                );
-                metrics::counter!("im_ingest_contended_writes_total").increment(1);
-                self.write(job, message).await
-            }
-            NextStep::DeadLetter { attempts } => {
-                let reason = lock_held_message(
-                    &format!("user lock held elsewhere through {attempts} attempts"),
-                    holder.as_deref(),
-                );
-                self.dead_letter(job, attempts, LOCK_HELD_FQCN, &reason)
-                    .await
-            }
-        }
-    }
-
-    async fn dead_letter(
-        &self,
-        job: &Job,
-        attempts: u32,
-        fqcn: &str,
-        reason: &str,
-    ) -> anyhow::Result<Outcome> {
-        let headers = self.headers(job, attempts, now_millis(), fqcn, reason);
-        self.publisher
-            .publish(&self.dlq_topic, &job.record, &headers)
-            .await?;
-        metrics::counter!("im_ingest_dead_letters_total", "reason" => fqcn.to_string())
-            .increment(1);
-        Ok(Outcome::DeadLettered {
-            reason: reason.to_string(),
-        })
-    }
-
-    fn headers(
-        &self,
-        job: &Job,
-        attempts: u32,
-        due_at: i64,
-        fqcn: &str,
-        message: &str,
-    ) -> RetryHeaders {
-        RetryHeaders {
-            attempts: i64::from(attempts),
-            backoff_timestamp: due_at,
-            origin: job.origin.clone(),
-            exception_fqcn: fqcn.to_string(),
-            exception_message: message.to_string(),
         }
     }
 }

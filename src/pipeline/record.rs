@@ -8,7 +8,7 @@ use rdkafka::message::{Headers, Message, OwnedHeaders};
 
 use super::contention::holder_in;
 use super::LOCK_HELD_FQCN;
-use crate::message::{decode, Inbound, InvalidMessage, UserKey};
+use crate::message::{decode, ChatMessage, Inbound, InvalidMessage, UserKey};
 use crate::retry::headers::{Origin, RetryHeaders};
 
 /// One consumed record, detached from the consumer so it can outlive the poll.
@@ -109,6 +109,14 @@ impl Job {
     /// records, which touch no user's data.
     pub fn user(&self) -> Option<UserKey> {
         self.content.as_ref().ok().map(Inbound::user)
+    }
+
+    /// The chat message to store, when the record is one.
+    pub fn message(&self) -> Option<&ChatMessage> {
+        match &self.content {
+            Ok(Inbound::Message(message)) => Some(message),
+            _ => None,
+        }
     }
 }
 

@@ -4,15 +4,15 @@
 //! Guarantee: the schema is the one in `migrations/` (embedded at compile time); applying
 //! it is idempotent, and the database is created if missing. Writes never duplicate a
 //! customer, session or message (see `write`, and `batch` for many messages in one
-//! transaction).
+//! transaction); a batch's write is bounded in time (see `bounded`).
 
 mod batch;
+mod bounded;
 mod migrate;
 mod write;
 
 pub(crate) use batch::write_unchecked;
 pub use batch::BatchItem;
+pub use bounded::{BatchConnection, BatchWriteError};
 pub use migrate::{connect, create_database_if_missing, migrate, MIGRATOR};
-pub use write::{
-    is_retryable, write_batch, write_batch_once, write_message, Provenance, WriteOutcome,
-};
+pub use write::{is_retryable, write_batch, write_message, Provenance, WriteOutcome};

@@ -35,7 +35,7 @@ pub enum WriteOutcome {
 }
 
 /// How often a transaction that hit a deadlock or lock-wait timeout is tried in all.
-const MAX_TRANSACTION_ATTEMPTS: u32 = 5;
+pub(super) const MAX_TRANSACTION_ATTEMPTS: u32 = 5;
 
 /// Writes one message idempotently, retrying deadlocks (1213) and lock-wait timeouts
 /// (1205) with a short growing pause.
@@ -68,18 +68,6 @@ pub async fn write_batch(
         "other writers inserted messages of this batch during each of \
          {MAX_TRANSACTION_ATTEMPTS} attempts"
     )))
-}
-
-/// [`write_batch`] tried once: any failure — a deadlock, a lock-wait timeout, a race —
-/// is returned at once. For a combined batch of many users, whose caller would rather
-/// split it than have all of them wait through retries.
-pub async fn write_batch_once(
-    pool: &MySqlPool,
-    items: &[BatchItem<'_>],
-) -> Result<Vec<WriteOutcome>, sqlx::Error> {
-    batch_transaction(pool, items).await?.ok_or_else(|| {
-        sqlx::Error::Protocol("another writer inserted messages of this batch".into())
-    })
 }
 
 /// One transaction of [`try_write_batch`]: committed when it could tell the outcomes,

@@ -148,3 +148,46 @@ async fn guard_notices_when_its_lease_was_taken_over() {
     assert_eq!(value.as_deref(), Some("someone-else"));
     let _: () = redis.del(lock_key(&user)).await.unwrap();
 }
+
+#[tokio::test]
+async fn many_locks_are_taken_and_given_back_in_one_pipeline_each_answer_its_own_user() {
+    let locks = client(Duration::from_secs(10));
+    let (free, taken, also_free) = (user(), user(), user());
+    let holder = acquired(&locks, &taken).await;
+    let answers = locks
+        .acquire_many(&[free.clone(), taken.clone(), also_free.clone()])
+        .await
+        .unwrap();
+    let mut guards = Vec::new();
+    for (user, answer) in [&free, &taken, &also_free].into_iter().zip(answers) {
+        match answer {
+            Acquire::Acquired(guard) => {
+                assert_ne!(user, &taken, "a lock held elsewhere was taken again");
+                assert_eq!(guard.key(), lock_key(user));
+                guards.push(guard);
+            }
+            Acquire::HeldElsewhere { holder: seen, .. } => {
+                assert_eq!(user, &taken, "a free lock was reported held");
+                assert_eq!(seen, Some(holder_fingerprint(holder.token())));
+            }
+        }
+    }
+    assert_eq!(guards.len(), 2);
+    // One of the two is taken over behind our back: only the other is still ours.
+    let mut redis = raw().await;
+    let _: () = redis
+        .set(lock_key(&also_free), "someone-else")
+        .await
+        .unwrap();
+    assert_eq!(locks.release_many(guards).await.unwrap(), 1);
+    let left: Option<String> = redis.get(lock_key(&free)).await.unwrap();
+    assert_eq!(left, None, "a released lock is still there");
+    let kept: Option<String> = redis.get(lock_key(&also_free)).await.unwrap();
+    assert_eq!(
+        kept.as_deref(),
+        Some("someone-else"),
+        "another holder's key was deleted"
+    );
+    holder.release().await.unwrap();
+    let _: () = redis.del(lock_key(&also_free)).await.unwrap();
+}

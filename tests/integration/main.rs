@@ -12,6 +12,7 @@ mod db_proxy;
 mod deploy;
 mod faults;
 mod helpers;
+mod isolation;
 mod kafka_offsets;
 mod kafka_util;
 mod lock;

@@ -3,10 +3,12 @@
 //! converge whatever the order of application.
 
 use im_ingest::message::{ChatMessage, Profile};
-use im_ingest::store::{self, write_batch, write_message, Provenance, WriteOutcome};
+use im_ingest::store::{
+    self, write_batch, write_message, BatchConnection, BatchWriteError, Provenance, WriteOutcome,
+};
 use sqlx::MySqlPool;
 
-use crate::helpers::{refuse_message_id, unique, TestDatabase};
+use crate::helpers::{unique, TestDatabase};
 
 async fn migrated_pool() -> (TestDatabase, MySqlPool) {
     let db = TestDatabase::reserve();
@@ -294,25 +296,42 @@ async fn concurrent_batches_of_the_same_messages_store_each_exactly_once() {
 }
 
 #[tokio::test]
-async fn a_request_the_database_refuses_fails_alone_in_the_shared_write_stage() {
+async fn a_batch_write_blocked_by_an_outside_row_lock_is_interrupted_at_its_stall_limit() {
     let (db, pool) = migrated_pool().await;
-    refuse_message_id(&pool, "poison").await;
-    let writer = im_ingest::pipeline::BatchWriter::start(pool.clone(), 1, 500);
-    let request = |customer: &str, id: &str, offset: i64| {
-        vec![(chat(customer, id, 1_000 + offset), provenance(offset))]
-    };
-    // Sent at once to one writer: most likely they queue up and are written together
-    // first; either way only the refused one may fail.
-    let (good, poisoned, other) = tokio::join!(
-        writer.write(request(&unique("a"), "m-a", 1)),
-        writer.write(request(&unique("p"), "poison", 2)),
-        writer.write(request(&unique("b"), "m-b", 3)),
+    let customer = unique("blocked");
+    write_message(&pool, &chat(&customer, "first", 1_000), &provenance(0))
+        .await
+        .unwrap();
+    // An outside transaction holds the customer's row (the lock-wait timeout is 50 s).
+    let mut outside = pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM customer WHERE external_user_id = ? FOR UPDATE")
+        .bind(&customer)
+        .fetch_one(&mut *outside)
+        .await
+        .unwrap();
+    let stall_limit = std::time::Duration::from_millis(300);
+    let mut connection = BatchConnection::acquire(&pool, stall_limit).await.unwrap();
+    let (message, source) = (chat(&customer, "second", 2_000), provenance(1));
+    let started = std::time::Instant::now();
+    let written = connection.write_once(&[(&message, &source)]).await;
+    let waited = started.elapsed();
+    assert!(
+        matches!(written, Err(BatchWriteError::Stalled(limit)) if limit == stall_limit),
+        "{written:?}"
     );
-    assert_eq!(good.unwrap(), [WriteOutcome::Stored]);
-    assert_eq!(other.unwrap(), [WriteOutcome::Stored]);
-    let error = format!("{:#}", poisoned.unwrap_err());
-    assert!(error.contains("refused by test trigger"), "{error}");
-    assert_eq!(count(&pool, "message").await, 2);
+    assert!(
+        waited < std::time::Duration::from_secs(10),
+        "the write waited {waited:?}, as if never interrupted"
+    );
+    outside.rollback().await.unwrap();
+    assert_eq!(
+        count(&pool, "message").await,
+        1,
+        "the interrupted write committed"
+    );
+    // The same connection handle goes on (with a fresh connection) once the row is free.
+    let written = connection.write_once(&[(&message, &source)]).await.unwrap();
+    assert_eq!(written, [WriteOutcome::Stored]);
     pool.close().await;
     db.drop_now().await;
 }

@@ -1,0 +1,245 @@
+//! The write stage: every message of the batch to store, in one transaction; when that
+//! fails, user batch by user batch; when the database refuses a user batch's rows,
+//! message by message.
+//!
+//! Guarantee: a message is settled `Stored` or `Duplicate` only after the transaction
+//! that wrote it committed. A combined transaction is tried once, bounded in time (see
+//! `store::BatchConnection`), so a deadlock, a row lock held by an outside transaction
+//! or one user's refused data costs the others one failed attempt, not a wait: each
+//! user batch is then written alone, and one that still fails leaves its messages
+//! unsettled (its caller processes them again with a growing pause) without holding
+//! up the rest. A message whose rows the database refuses (see [`is_refusal`]) goes to
+//! the dead-letter topic as `im_ingest::DatabaseRejected` with the database's reason;
+//! the partition moves on and no other record is lost.
+
+use super::batch::{Pending, Stages, Step};
+use super::route::Route;
+use super::{Job, Outcome};
+use crate::store::{BatchConnection, BatchItem, BatchWriteError, Provenance, WriteOutcome};
+
+/// Error class of messages whose rows the database refuses (DESIGN.md, "Dead-letter").
+pub const DATABASE_REJECTED_FQCN: &str = "im_ingest::DatabaseRejected";
+
+impl Stages {
+    /// Writes every message of the batch that is to be written; see the module guarantee.
+    pub(super) async fn write(&self, connection: &mut BatchConnection, batch: &mut [Pending]) {
+        let writers: Vec<usize> = (0..batch.len())
+            .filter(|unit| batch[*unit].to_write().next().is_some())
+            .collect();
+        if writers.is_empty() {
+            return;
+        }
+        crate::failpoint::delay("slow_db_write").await;
+        // A user whose last write stalled is written alone, so a row lock held outside
+        // does not hold up every batch the user's retries join.
+        let (alone, together): (Vec<usize>, Vec<usize>) = writers
+            .into_iter()
+            .partition(|unit| self.stalled_before(&batch[*unit]));
+        let together = if together.len() > 1 {
+            self.write_together(connection, batch, together).await
+        } else {
+            together
+        };
+        for unit in together.into_iter().chain(alone) {
+            self.write_unit(connection, &mut batch[unit]).await;
+        }
+    }
+
+    /// Writes the user batches `units` in one transaction, tried once; returns the
+    /// ones still to write (all of them when it failed, none when it committed).
+    async fn write_together(
+        &self,
+        connection: &mut BatchConnection,
+        batch: &mut [Pending],
+        units: Vec<usize>,
+    ) -> Vec<usize> {
+        let provenances: Vec<Vec<(usize, Provenance)>> = units
+            .iter()
+            .map(|unit| provenances(&batch[*unit]))
+            .collect();
+        let written = {
+            let items: Vec<BatchItem<'_>> = units
+                .iter()
+                .zip(&provenances)
+                .flat_map(|(unit, own)| items(&batch[*unit], own))
+                .collect();
+            metrics::histogram!("im_ingest_write_batch_messages").record(items.len() as f64);
+            connection.write_once(&items).await
+        };
+        match written {
+            Ok(outcomes) => {
+                committed();
+                let mut outcomes = outcomes.into_iter();
+                for (unit, own) in units.iter().zip(&provenances) {
+                    for (index, _) in own {
+                        let outcome = outcomes.next().expect("one outcome per message");
+                        batch[*unit].steps[*index] = settled(outcome);
+                    }
+                }
+                Vec::new()
+            }
+            Err(error) => {
+                tracing::warn!(%error, users = units.len(),
+                    "a combined write failed; writing its users one by one");
+                units
+            }
+        }
+    }
+
+    fn stalled_before(&self, pending: &Pending) -> bool {
+        pending.user().is_some_and(|user| {
+            self.stalled_users
+                .lock()
+                .expect("stalled users lock poisoned")
+                .contains(&user)
+        })
+    }
+
+    /// Remembers whether the user's last write stalled.
+    fn note_stall(&self, pending: &Pending, stalled: bool) {
+        let Some(user) = pending.user() else {
+            return;
+        };
+        let mut users = self
+            .stalled_users
+            .lock()
+            .expect("stalled users lock poisoned");
+        if stalled {
+            users.insert(user);
+        } else {
+            users.remove(&user);
+        }
+    }
+
+    /// Writes one user batch's messages in one transaction (retried in place after a
+    /// deadlock or a race).
+    async fn write_unit(&self, connection: &mut BatchConnection, pending: &mut Pending) {
+        let own = provenances(pending);
+        let written = {
+            let items: Vec<BatchItem<'_>> = items(pending, &own).collect();
+            metrics::histogram!("im_ingest_write_batch_messages").record(items.len() as f64);
+            connection.write(&items).await
+        };
+        self.note_stall(pending, matches!(written, Err(BatchWriteError::Stalled(_))));
+        match written {
+            Ok(outcomes) => {
+                committed();
+                for ((index, _), outcome) in own.iter().zip(outcomes) {
+                    pending.steps[*index] = settled(outcome);
+                }
+            }
+            Err(error) if is_refusal(&error) => self.isolate(connection, pending, own).await,
+            Err(error) => unsettle_from(pending, own.first().map(|(i, _)| *i), error),
+        }
+    }
+
+    /// The database refused a user batch's rows: each message is written alone, and one
+    /// that is refused again is routed to the dead-letter topic as `DatabaseRejected`.
+    async fn isolate(
+        &self,
+        connection: &mut BatchConnection,
+        pending: &mut Pending,
+        own: Vec<(usize, Provenance)>,
+    ) {
+        for (index, provenance) in own {
+            let job = pending.jobs[index].clone();
+            let Some(message) = job.message() else {
+                continue;
+            };
+            match connection.write(&[(message, &provenance)]).await {
+                Ok(mut outcomes) => {
+                    committed();
+                    pending.steps[index] =
+                        settled(outcomes.pop().expect("one message, one outcome"));
+                }
+                Err(error) if is_refusal(&error) => {
+                    let reason = format!("{:#}", anyhow::Error::new(error));
+                    tracing::warn!(%reason, "the database refused a message; dead-lettering it");
+                    pending.steps[index] = Step::Route(Box::new(Route::dead_letter(
+                        &self.dlq_topic,
+                        &job,
+                        job.attempts,
+                        DATABASE_REJECTED_FQCN,
+                        &reason,
+                    )));
+                }
+                Err(error) => {
+                    unsettle_from(pending, Some(index), error);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The provenance of each message to write, with its index in the user batch.
+fn provenances(pending: &Pending) -> Vec<(usize, Provenance)> {
+    pending
+        .to_write()
+        .map(|(index, job)| (index, provenance(job)))
+        .collect()
+}
+
+/// The write items of a user batch, in the order of `own`.
+fn items<'a>(
+    pending: &'a Pending,
+    own: &'a [(usize, Provenance)],
+) -> impl Iterator<Item = BatchItem<'a>> {
+    own.iter().map(|(index, provenance)| {
+        let message = pending.jobs[*index]
+            .message()
+            .expect("only messages are written");
+        (message, provenance)
+    })
+}
+
+fn provenance(job: &Job) -> Provenance {
+    Provenance {
+        topic: job.origin.topic.clone(),
+        partition: job.origin.partition,
+        offset: job.origin.offset,
+    }
+}
+
+/// A transaction committed: the point where a crash leaves rows stored and offsets not.
+fn committed() {
+    fail::fail_point!("after_db_commit", |_| crate::failpoint::crash(
+        "after_db_commit"
+    ));
+}
+
+fn settled(outcome: WriteOutcome) -> Step {
+    Step::Settled(Ok(match outcome {
+        WriteOutcome::Stored => Outcome::Stored,
+        WriteOutcome::Duplicate => Outcome::Duplicate,
+    }))
+}
+
+/// The write of the messages from `first` on failed: the error stands in the first
+/// one's place, the later ones are unsettled (see `batch`'s guarantee).
+fn unsettle_from(pending: &mut Pending, first: Option<usize>, error: BatchWriteError) {
+    let Some(first) = first else {
+        return;
+    };
+    pending.steps[first] = Step::Settled(Err(
+        anyhow::Error::new(error).context("writing the messages to the database")
+    ));
+    for step in &mut pending.steps[first + 1..] {
+        if matches!(step, Step::Write) {
+            *step = Step::Unsettled;
+        }
+    }
+}
+
+/// MySQL/MariaDB errors that refuse the data itself, so running the same rows again can
+/// never succeed: a trigger's `SIGNAL` (1644), data too long (1406), an incorrect
+/// string value (1366), a NULL into a NOT NULL column (1048), a foreign key (1452) or a
+/// CHECK constraint (3819 MySQL, 4025 MariaDB). Anything else — a lost connection, a
+/// timeout, a full disk — is worth retrying.
+fn is_refusal(error: &BatchWriteError) -> bool {
+    let Some(sqlx::Error::Database(db)) = error.database() else {
+        return false;
+    };
+    db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+        .is_some_and(|e| matches!(e.number(), 1644 | 1406 | 1366 | 1048 | 1452 | 3819 | 4025))
+}

@@ -1,0 +1,180 @@
+//! The connection one pipeline batch writes on, with a bound on how long a transaction
+//! may wait inside the database.
+//!
+//! Guarantee: a write returns within about the stall limit plus a round trip, whatever
+//! the database does: a transaction still running at the limit (a row lock held by an
+//! outside transaction, a stalled disk) has its statement interrupted from a second
+//! connection (`KILL QUERY <id>`, which MySQL and MariaDB allow on a user's own
+//! connections without extra privileges), is rolled back, and the caller gets
+//! [`BatchWriteError::Stalled`]. The write's future is never dropped mid-statement, and
+//! the interrupted connection is closed rather than given back to the pool (so a late
+//! interrupt can never hit a later statement). Nothing of a failed write is committed.
+
+use std::time::{Duration, Instant};
+
+use sqlx::mysql::MySql;
+use sqlx::pool::PoolConnection;
+use sqlx::{ConnectOptions, Connection, MySqlPool};
+
+use super::batch::{try_write_batch, BatchItem};
+use super::write::{is_retryable, WriteOutcome, MAX_TRANSACTION_ATTEMPTS};
+
+/// Why a batch write did not commit.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchWriteError {
+    /// The transaction was still running at the stall limit and was interrupted.
+    #[error("the write was still waiting inside the database after {0:?} and was interrupted")]
+    Stalled(Duration),
+    /// Another writer inserted messages of the batch between its read and its insert.
+    #[error("other writers inserted messages of this batch meanwhile")]
+    Raced,
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+impl BatchWriteError {
+    /// The database error behind it, if any (to classify refusals).
+    pub fn database(&self) -> Option<&sqlx::Error> {
+        match self {
+            BatchWriteError::Database(error) => Some(error),
+            _ => None,
+        }
+    }
+}
+
+/// A pooled connection held for one batch, taken before the batch's locks so that the
+/// locks never wait for the pool.
+pub struct BatchConnection {
+    pool: MySqlPool,
+    connection: Option<PoolConnection<MySql>>,
+    /// The server's id of `connection`, to interrupt it (read on first write).
+    server_id: Option<u64>,
+    stall_limit: Duration,
+}
+
+impl BatchConnection {
+    /// Takes a connection from the pool now.
+    pub async fn acquire(pool: &MySqlPool, stall_limit: Duration) -> Result<Self, sqlx::Error> {
+        let connection = pool.acquire().await?;
+        Ok(Self {
+            pool: pool.clone(),
+            connection: Some(connection),
+            server_id: None,
+            stall_limit,
+        })
+    }
+
+    /// Writes `items` in one transaction, tried once.
+    pub async fn write_once(
+        &mut self,
+        items: &[BatchItem<'_>],
+    ) -> Result<Vec<WriteOutcome>, BatchWriteError> {
+        if self.connection.is_none() {
+            self.connection = Some(self.pool.acquire().await?);
+            self.server_id = None;
+        }
+        let connection = self
+            .connection
+            .as_mut()
+            .expect("a connection was just taken");
+        let server_id = match self.server_id {
+            Some(id) => id,
+            None => {
+                let id: u64 = sqlx::query_scalar("SELECT CONNECTION_ID()")
+                    .fetch_one(&mut **connection)
+                    .await?;
+                *self.server_id.insert(id)
+            }
+        };
+        let started = Instant::now();
+        let written = {
+            let write = transaction(connection, items);
+            tokio::pin!(write);
+            tokio::select! {
+                written = &mut write => return written,
+                _ = tokio::time::sleep(self.stall_limit) => {}
+            }
+            interrupt(&self.pool, server_id).await;
+            write.await
+        };
+        tracing::warn!(
+            waited_ms = started.elapsed().as_millis() as u64,
+            messages = items.len(),
+            committed = written.is_ok(),
+            "a batch write stalled inside the database and was interrupted"
+        );
+        metrics::counter!("im_ingest_db_write_stalls_total").increment(1);
+        // Close it: an interrupt that arrives late must not hit a later statement.
+        if let Some(connection) = self.connection.take() {
+            let _ = connection.detach().close().await;
+        }
+        match written {
+            // It committed after all, just before the interrupt landed.
+            Ok(outcomes) => Ok(outcomes),
+            Err(_) => Err(BatchWriteError::Stalled(self.stall_limit)),
+        }
+    }
+
+    /// Writes `items` in one transaction, tried again after a deadlock, a lock-wait
+    /// timeout or a race, up to [`MAX_TRANSACTION_ATTEMPTS`] in all; a stall or any
+    /// other error is returned at once.
+    pub async fn write(
+        &mut self,
+        items: &[BatchItem<'_>],
+    ) -> Result<Vec<WriteOutcome>, BatchWriteError> {
+        let mut attempt = 1;
+        loop {
+            match self.write_once(items).await {
+                Err(error) if attempt < MAX_TRANSACTION_ATTEMPTS && worth_retrying(&error) => {
+                    metrics::counter!("im_ingest_db_transaction_retries_total").increment(1);
+                    tracing::debug!(%error, attempt, "transaction retried");
+                    tokio::time::sleep(Duration::from_millis(10 * u64::from(attempt))).await;
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+}
+
+fn worth_retrying(error: &BatchWriteError) -> bool {
+    match error {
+        BatchWriteError::Raced => true,
+        BatchWriteError::Database(error) => is_retryable(error),
+        BatchWriteError::Stalled(_) => false,
+    }
+}
+
+/// One transaction: committed when the outcomes could be told, rolled back otherwise.
+async fn transaction(
+    connection: &mut PoolConnection<MySql>,
+    items: &[BatchItem<'_>],
+) -> Result<Vec<WriteOutcome>, BatchWriteError> {
+    let mut tx = connection.begin().await?;
+    match try_write_batch(&mut tx, items).await? {
+        Some(outcomes) => {
+            tx.commit().await?;
+            Ok(outcomes)
+        }
+        None => {
+            tx.rollback().await?;
+            Err(BatchWriteError::Raced)
+        }
+    }
+}
+
+/// Interrupts the statement running on the server connection `id`, from a connection of
+/// its own (the pool may be exhausted by the very batches that wait).
+async fn interrupt(pool: &MySqlPool, id: u64) {
+    let killed = async {
+        let mut connection = pool.connect_options().connect().await?;
+        sqlx::query(&format!("KILL QUERY {id}"))
+            .execute(&mut connection)
+            .await?;
+        connection.close().await
+    };
+    if let Err(error) = killed.await {
+        // The write then ends when the database gives up on it (its lock-wait timeout).
+        tracing::warn!(%error, "interrupting a stalled write failed");
+    }
+}

@@ -272,7 +272,7 @@ impl Default for WorkerSettings {
             db_retry_max_ms: 5_000,
             shutdown_deadline_ms: 20_000,
             batch_concurrency: 4,
-            batch_max_records: 500,
+            batch_max_records: 100,
             batch_max_bytes: 4 * 1024 * 1024,
             batch_linger_ms: 0,
             write_stall_ms: 300,
@@ -642,7 +642,7 @@ mod tests {
         let w = &s.worker;
         assert_eq!(
             (w.batch_concurrency, w.batch_max_records, w.batch_max_bytes),
-            (4, 500, 4 * 1024 * 1024)
+            (4, 100, 4 * 1024 * 1024)
         );
         assert_eq!((w.batch_linger_ms, w.write_stall_ms), (0, 300));
         for (key, value) in [

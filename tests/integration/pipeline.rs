@@ -206,7 +206,7 @@ async fn with_lock_mode_none_a_record_whose_lock_is_held_elsewhere_is_stored_at_
 
 #[tokio::test]
 async fn a_lock_freed_within_the_in_process_wait_is_taken_without_a_delay_record() {
-    // Another worker's batch holds the user's lock for 60 ms: less than the 150 ms of
+    // Another worker's batch holds the user's lock for 60 ms: less than the 198 ms of
     // in-process pauses a conflicted batch may spend before it goes to a delay topic.
     let (env, pipeline, pool) = setup().await;
     let locked = unique("locked");

@@ -1,9 +1,10 @@
-//! Deterministic crash points for the fault tests.
+//! Deterministic fault points for the fault tests.
 //!
 //! Guarantee: without the cargo feature `failpoints` every `fail::fail_point!` in the code
 //! compiles to nothing. With it, the `FAILPOINTS` environment variable (read once at
-//! start-up, e.g. `FAILPOINTS=after_db_commit=return`) makes the process abort at the
-//! named point, as a crash or `kill -9` would at the worst moment:
+//! start-up, e.g. `FAILPOINTS=after_db_commit=return`, or `seek_fails=1*return` for once)
+//! makes the process abort at the named crash point, as a crash or `kill -9` would at the
+//! worst moment, or makes the named operation fail or wait:
 //!
 //! | point | where |
 //! |---|---|
@@ -11,6 +12,8 @@
 //! | `after_delay_publish` | the delay record acknowledged, the source offset not yet stored |
 //! | `in_lease_extension` | the lease keeper is about to extend a held lock |
 //! | `slow_db_write` | under the lock, before the write: `slow_db_write=return(300)` waits 300 ms (asynchronously) |
+//! | `seek_fails` | a seek back (after a hold or backpressure) fails |
+//! | `commit_rebalance_in_progress` | a synchronous commit is refused with REBALANCE_IN_PROGRESS |
 
 /// Aborts the process at a fail point (no unwinding, no cleanup: a crash).
 #[cfg(feature = "failpoints")]

@@ -18,7 +18,7 @@ const OUTCOMES: [&str; 5] = [
 ];
 
 /// Counters without labels: (name, help).
-const COUNTERS: [(&str, &str); 8] = [
+const COUNTERS: [(&str, &str); 11] = [
     ("im_ingest_lock_acquisitions_total", "Per-user locks taken"),
     (
         "im_ingest_lock_conflicts_total",
@@ -43,6 +43,18 @@ const COUNTERS: [(&str, &str); 8] = [
     (
         "im_ingest_lock_waits_total",
         "In-process pauses before a held lock was tried again",
+    ),
+    (
+        "im_ingest_seek_failures_total",
+        "Seeks back that failed (the partition stays paused and the seek is retried)",
+    ),
+    (
+        "im_ingest_commit_retries_total",
+        "Offset commits tried again after a rebalance-in-progress refusal",
+    ),
+    (
+        "im_ingest_revoked_records_dropped_total",
+        "Queued records of revoked partitions dropped (left to the next owner)",
     ),
     (
         "im_ingest_db_write_stalls_total",

@@ -7,23 +7,23 @@
 //! partition and keeps calling `recv()`, so `max.poll.interval.ms` never evicts the
 //! member. Records delivered during the pause are dropped, and before resuming each
 //! partition is sought back to its first record not tracked (librdkafka resumes after
-//! the last record it delivered, so without the seek the dropped ones would be skipped).
+//! the last record it delivered, so without the seek the dropped ones would be skipped);
+//! the pauses, seeks and resumes are `partitions`' own.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::consumer::{ConsumerContext, StreamConsumer};
+use rdkafka::Message;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Interval;
 
-use super::hold::HeldPartitions;
-use super::tracker::{OffsetTracker, TopicPartition};
-use super::SEEK_TIMEOUT;
+use super::partitions::Partitions;
+use super::tracker::TopicPartition;
 use crate::health::Health;
 
 /// How long the loop waits for a free slot before it pauses the partitions. Well below
@@ -34,8 +34,7 @@ pub const GRACE: Duration = Duration::from_secs(1);
 /// The consumer state backpressure touches.
 pub struct Loop<'a, C: ConsumerContext + 'static> {
     pub consumer: &'a StreamConsumer<C>,
-    pub tracker: &'a Mutex<OffsetTracker>,
-    pub held: &'a Mutex<HeldPartitions>,
+    pub partitions: &'a Mutex<Partitions>,
     pub health: &'a Health,
     pub heartbeat: &'a mut Interval,
 }
@@ -64,11 +63,16 @@ impl<C: ConsumerContext + 'static> Loop<'_, C> {
         }
         // Still full after the grace period: pause every partition but keep polling, so
         // the group keeps this member and no rebalance moves the partitions around.
-        let paused = self.pause_all();
-        let in_flight = self
-            .tracker
+        let paused = self
+            .partitions
             .lock()
-            .expect("tracker lock poisoned")
+            .expect("partitions lock poisoned")
+            .pause_all(self.consumer);
+        metrics::gauge!("im_ingest_backpressure").set(1.0);
+        let in_flight = self
+            .partitions
+            .lock()
+            .expect("partitions lock poisoned")
             .in_flight();
         tracing::warn!(
             in_flight,
@@ -93,58 +97,12 @@ impl<C: ConsumerContext + 'static> Loop<'_, C> {
                 },
             }
         };
-        self.resume(paused, &dropped);
-        Ok(Some(permit))
-    }
-
-    fn pause_all(&self) -> TopicPartitionList {
-        let assigned = self.consumer.assignment().unwrap_or_default();
-        if let Err(error) = self.consumer.pause(&assigned) {
-            tracing::warn!(%error, "pausing partitions for backpressure failed");
-        }
-        metrics::gauge!("im_ingest_backpressure").set(1.0);
-        assigned
-    }
-
-    /// Resumes what [`Loop::pause_all`] paused — except delay partitions still held for
-    /// a due time — each sought back to its first record not tracked: one past the last
-    /// tracked, else the lowest dropped; a partition with neither delivered nothing, so
-    /// it resumes where it was. Partitions assigned during the pause were never paused,
-    /// but records of theirs may have been dropped too: they are sought back as well.
-    fn resume(&self, paused: TopicPartitionList, dropped: &HashMap<TopicPartition, i64>) {
-        let assigned = self.consumer.assignment().unwrap_or_default();
-        let mut partitions: BTreeSet<TopicPartition> = paused
-            .elements()
-            .iter()
-            .map(|e| (e.topic().to_string(), e.partition()))
-            .collect();
-        partitions.extend(dropped.keys().cloned());
-        let mut resume = TopicPartitionList::new();
-        for tp in partitions {
-            let still_assigned = assigned.find_partition(&tp.0, tp.1).is_some();
-            if !still_assigned || self.held.lock().expect("held lock poisoned").is_held(&tp) {
-                continue;
-            }
-            let tracked = self
-                .tracker
-                .lock()
-                .expect("tracker lock poisoned")
-                .next_offset(&tp);
-            if let Some(offset) = tracked.or_else(|| dropped.get(&tp).copied()) {
-                let seek = self
-                    .consumer
-                    .seek(&tp.0, tp.1, Offset::Offset(offset), SEEK_TIMEOUT);
-                if let Err(error) = seek {
-                    tracing::warn!(%error, topic = %tp.0, partition = tp.1, offset,
-                        "seeking back after backpressure failed");
-                }
-            }
-            resume.add_partition(&tp.0, tp.1);
-        }
-        if let Err(error) = self.consumer.resume(&resume) {
-            tracing::warn!(%error, "resuming partitions after backpressure failed");
-        }
+        self.partitions
+            .lock()
+            .expect("partitions lock poisoned")
+            .resume_after_backpressure(self.consumer, paused, &dropped);
         metrics::gauge!("im_ingest_backpressure").set(0.0);
         tracing::info!("in-flight records finished: partitions resumed");
+        Ok(Some(permit))
     }
 }

@@ -13,12 +13,12 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::consumer::{ConsumerContext, StreamConsumer};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
-use super::tracker::{OffsetTracker, TopicPartition};
+use super::partitions::Partitions;
+use super::tracker::TopicPartition;
 use crate::message::UserKey;
 use crate::pipeline::{Job, Pipeline};
 
@@ -30,14 +30,22 @@ pub const MAX_USER_BATCH: usize = 32;
 /// A prepared record with its in-flight permit.
 pub struct Work {
     pub job: Arc<Job>,
+    /// The assignment of its partition the record was received in.
+    pub generation: u64,
     /// Held, never read: dropping it (when the record is done) frees the slot.
     pub _permit: OwnedSemaphorePermit,
+}
+
+impl Work {
+    fn tp(&self) -> TopicPartition {
+        (self.job.record.topic.clone(), self.job.record.partition)
+    }
 }
 
 pub struct Dispatcher<C: ConsumerContext + 'static> {
     pipeline: Pipeline,
     consumer: Arc<StreamConsumer<C>>,
-    tracker: Arc<Mutex<OffsetTracker>>,
+    partitions: Arc<Mutex<Partitions>>,
     /// Queued records of users being processed now; a user is present while its task runs.
     active: Mutex<HashMap<Option<UserKey>, VecDeque<Work>>>,
     cancel: CancellationToken,
@@ -48,14 +56,14 @@ impl<C: ConsumerContext + 'static> Dispatcher<C> {
     pub fn new(
         pipeline: Pipeline,
         consumer: Arc<StreamConsumer<C>>,
-        tracker: Arc<Mutex<OffsetTracker>>,
+        partitions: Arc<Mutex<Partitions>>,
         cancel: CancellationToken,
         backoff: (Duration, Duration),
     ) -> Arc<Self> {
         Arc::new(Self {
             pipeline,
             consumer,
-            tracker,
+            partitions,
             active: Mutex::new(HashMap::new()),
             cancel,
             backoff,
@@ -87,16 +95,25 @@ impl<C: ConsumerContext + 'static> Dispatcher<C> {
                 return;
             }
             let mut active = self.active.lock().expect("dispatcher lock poisoned");
-            match active.get_mut(&user) {
-                Some(queue) if !queue.is_empty() => {
-                    let take = queue.len().min(MAX_USER_BATCH);
-                    batch = queue.drain(..take).collect();
-                }
-                _ => {
-                    active.remove(&user);
-                    return;
-                }
+            let Some(queue) = active.get_mut(&user) else {
+                return;
+            };
+            // Queued records of partitions revoked meanwhile belong to their next owner:
+            // processing them here would only repeat its delay and dead-letter records.
+            let before = queue.len();
+            queue.retain(|work| self.is_current(work));
+            let dropped = before - queue.len();
+            if dropped > 0 {
+                metrics::counter!("im_ingest_revoked_records_dropped_total")
+                    .increment(dropped as u64);
+                tracing::info!(dropped, "queued records of revoked partitions dropped");
             }
+            if queue.is_empty() {
+                active.remove(&user);
+                return;
+            }
+            let take = queue.len().min(MAX_USER_BATCH);
+            batch = queue.drain(..take).collect();
         }
     }
 
@@ -114,8 +131,7 @@ impl<C: ConsumerContext + 'static> Dispatcher<C> {
             for work in pending.drain(..done) {
                 metrics::histogram!("im_ingest_processing_seconds")
                     .record(started.elapsed().as_secs_f64());
-                let record = &work.job.record;
-                self.complete(&(record.topic.clone(), record.partition), record.offset);
+                self.complete(&work);
             }
             let Some(error) = error else {
                 return;
@@ -125,8 +141,7 @@ impl<C: ConsumerContext + 'static> Dispatcher<C> {
             let cancelled = self.cancel.is_cancelled();
             pending.retain(|work| {
                 let record = &work.job.record;
-                let keep =
-                    !cancelled && self.is_assigned(&(record.topic.clone(), record.partition));
+                let keep = !cancelled && self.is_current(work);
                 if !keep {
                     tracing::warn!(topic = %record.topic, partition = record.partition, offset = record.offset,
                         error = format!("{error:#}"), "processing failed; record left to redelivery");
@@ -147,30 +162,25 @@ impl<C: ConsumerContext + 'static> Dispatcher<C> {
         }
     }
 
-    fn is_assigned(&self, tp: &TopicPartition) -> bool {
-        self.tracker
+    /// Whether the record still belongs to its partition's current assignment.
+    fn is_current(&self, work: &Work) -> bool {
+        self.partitions
             .lock()
-            .expect("tracker lock poisoned")
-            .is_assigned(tp)
+            .expect("partitions lock poisoned")
+            .is_current(&work.tp(), work.generation)
     }
 
-    /// Marks the record durable and stores the partition's new contiguous position. The
-    /// tracker lock is held across the store so a revoke cannot slip in between.
-    fn complete(&self, tp: &TopicPartition, offset: i64) {
-        let mut tracker = self.tracker.lock().expect("tracker lock poisoned");
-        let moved = tracker.complete(tp, offset);
-        metrics::gauge!("im_ingest_in_flight").set(tracker.in_flight() as f64);
-        let Some(position) = moved else {
-            return;
-        };
-        let mut tpl = TopicPartitionList::new();
-        if let Err(error) = tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(position)) {
-            tracing::error!(%error, "building the offset list failed");
-            return;
-        }
-        if let Err(error) = self.consumer.store_offsets(&tpl) {
-            // The partition was revoked meanwhile: abandoned, its next owner redelivers.
-            tracing::debug!(%error, topic = %tp.0, partition = tp.1, position, "offset not stored");
-        }
+    /// Marks the record durable and stores the partition's new contiguous position
+    /// (under the partitions lock, so a revoke cannot slip in between).
+    fn complete(&self, work: &Work) {
+        self.partitions
+            .lock()
+            .expect("partitions lock poisoned")
+            .complete(
+                self.consumer.as_ref(),
+                &work.tp(),
+                work.job.record.offset,
+                work.generation,
+            );
     }
 }

@@ -9,11 +9,15 @@
 //! At shutdown, fetching stops, in-flight work gets up to the deadline to finish, and the
 //! stored offsets are committed synchronously. Assignment is cooperative-sticky.
 //!
-//! Backpressure when `worker.max_in_flight` records are in flight: see `backpressure`.
+//! Every partition's state (offsets in flight, holds, pauses, seeks) has one owner,
+//! `partitions`; backpressure when `worker.max_in_flight` records are in flight: see
+//! `backpressure`; commits: see `commit`.
 
 mod backpressure;
+mod commit;
 mod dispatch;
 mod hold;
+mod partitions;
 mod topics;
 pub mod tracker;
 
@@ -22,8 +26,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::consumer::{Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::{ClientContext, TopicPartitionList};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -32,14 +36,14 @@ pub use topics::{ensure_topics, worker_topics};
 use crate::config::Settings;
 use crate::health::Health;
 use crate::pipeline::{now_millis, Pipeline, Record};
+use commit::commit_stored;
 use dispatch::{Dispatcher, Work};
-use hold::HeldPartitions;
-use tracker::{OffsetTracker, TopicPartition};
+use partitions::Partitions;
+use tracker::TopicPartition;
 
-/// Rebalance hooks: the revoke side of in-flight tracking and of held delay partitions.
+/// Rebalance hooks: the revoke side of the partitions' state.
 pub struct WorkerContext {
-    tracker: Arc<Mutex<OffsetTracker>>,
-    held: Arc<Mutex<HeldPartitions>>,
+    partitions: Arc<Mutex<Partitions>>,
     health: Arc<Health>,
 }
 
@@ -70,19 +74,12 @@ impl ConsumerContext for WorkerContext {
             Rebalance::Revoke(tpl) => {
                 let revoked = partitions_of(tpl);
                 let abandoned = self
-                    .tracker
+                    .partitions
                     .lock()
-                    .expect("tracker lock poisoned")
+                    .expect("partitions lock poisoned")
                     .revoke(&revoked);
-                self.held
-                    .lock()
-                    .expect("held lock poisoned")
-                    .forget(&revoked);
                 tracing::info!(partitions = ?revoked, abandoned, "partitions revoked");
-                if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
-                    // NoOffset (nothing stored since the last commit) is the common case.
-                    tracing::debug!(%error, "commit on revoke");
-                }
+                commit_stored(consumer, "on revoke");
             }
             Rebalance::Assign(tpl) => {
                 tracing::info!(partitions = ?partitions_of(tpl), "partitions assigned");
@@ -91,9 +88,7 @@ impl ConsumerContext for WorkerContext {
         }
     }
 
-    /// A newly assigned partition starts unpaused, whatever this member did with it
-    /// before a revoke: its held state was forgotten, so a pause left on it would stall
-    /// it for good.
+    /// Newly assigned partitions start unpaused (see `Partitions::assigned`).
     fn post_rebalance(
         &self,
         consumer: &rdkafka::consumer::BaseConsumer<Self>,
@@ -102,52 +97,10 @@ impl ConsumerContext for WorkerContext {
         let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
         self.health.set_assigned_partitions(assigned);
         if let Rebalance::Assign(tpl) = rebalance {
-            if tpl.count() > 0 {
-                if let Err(error) = consumer.resume(tpl) {
-                    tracing::warn!(%error, "resuming newly assigned partitions");
-                }
-            }
-        }
-    }
-}
-
-/// Pauses `tp` until `due_at` because its head record (at `offset`) is not due yet.
-fn hold<C: ConsumerContext>(
-    consumer: &StreamConsumer<C>,
-    held: &Mutex<HeldPartitions>,
-    tp: TopicPartition,
-    offset: i64,
-    due_at: i64,
-) {
-    let mut list = TopicPartitionList::new();
-    list.add_partition(&tp.0, tp.1);
-    if let Err(error) = consumer.pause(&list) {
-        // Not paused: drop nothing, hold nothing; the record comes again after a seek.
-        tracing::warn!(%error, topic = %tp.0, partition = tp.1, "pausing a delay partition failed");
-    }
-    tracing::debug!(topic = %tp.0, partition = tp.1, offset, wait_ms = due_at - now_millis(), "holding delay partition");
-    let mut held = held.lock().expect("held lock poisoned");
-    held.hold(tp, offset, due_at);
-    metrics::gauge!("im_ingest_held_partitions").set(held.count() as f64);
-}
-
-/// Seeks every due held partition back to its head record and resumes it.
-fn release_due<C: ConsumerContext>(consumer: &StreamConsumer<C>, held: &Mutex<HeldPartitions>) {
-    let due = {
-        let mut held = held.lock().expect("held lock poisoned");
-        let due = held.take_due(now_millis());
-        metrics::gauge!("im_ingest_held_partitions").set(held.count() as f64);
-        due
-    };
-    for ((topic, partition), offset) in due {
-        // Pausing discarded what was fetched past the head: fetch again from it.
-        if let Err(error) = consumer.seek(&topic, partition, Offset::Offset(offset), SEEK_TIMEOUT) {
-            tracing::warn!(%error, %topic, partition, offset, "seeking back to the held record failed");
-        }
-        let mut list = TopicPartitionList::new();
-        list.add_partition(&topic, partition);
-        if let Err(error) = consumer.resume(&list) {
-            tracing::warn!(%error, %topic, partition, "resuming a delay partition failed");
+            self.partitions
+                .lock()
+                .expect("partitions lock poisoned")
+                .assigned(consumer, tpl);
         }
     }
 }
@@ -162,9 +115,6 @@ async fn sleep_until_epoch_ms(due: Option<i64>) {
         None => std::future::pending().await,
     }
 }
-
-/// How long a seek may take before it counts as failed.
-const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn partitions_of(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
     tpl.elements()
@@ -196,8 +146,7 @@ pub async fn run(
     health: Arc<Health>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
-    let held = Arc::new(Mutex::new(HeldPartitions::default()));
+    let partitions = Arc::new(Mutex::new(Partitions::default()));
     let mut config = group_consumer_config(settings);
     config.set("statistics.interval.ms", "5000");
     // The raw passthrough map wins over our defaults too.
@@ -207,8 +156,7 @@ pub async fn run(
     let consumer: Arc<StreamConsumer<WorkerContext>> = Arc::new(
         config
             .create_with_context(WorkerContext {
-                tracker: tracker.clone(),
-                held: held.clone(),
+                partitions: partitions.clone(),
                 health: health.clone(),
             })
             .context("creating the Kafka consumer")?,
@@ -229,7 +177,7 @@ pub async fn run(
     let dispatcher = Dispatcher::new(
         pipeline.clone(),
         consumer.clone(),
-        tracker.clone(),
+        partitions.clone(),
         cancel.clone(),
         backoff,
     );
@@ -240,8 +188,7 @@ pub async fn run(
         health.beat();
         let mut backpressure = backpressure::Loop {
             consumer: &consumer,
-            tracker: &tracker,
-            held: &held,
+            partitions: &partitions,
             health: &health,
             heartbeat: &mut heartbeat,
         };
@@ -250,11 +197,19 @@ pub async fn run(
         };
         // Wait for a record, waking held delay partitions when they fall due.
         let message = loop {
-            let next_due = held.lock().expect("held lock poisoned").next_due();
+            let next_due = partitions
+                .lock()
+                .expect("partitions lock poisoned")
+                .next_due();
             tokio::select! {
                 _ = &mut shutdown => break 'consume,
-                _ = heartbeat.tick() => health.beat(),
-                _ = sleep_until_epoch_ms(next_due) => release_due(&consumer, &held),
+                _ = heartbeat.tick() => {
+                    health.beat();
+                    partitions.lock().expect("partitions lock poisoned").retry_seeks(consumer.as_ref());
+                }
+                _ = sleep_until_epoch_ms(next_due) => {
+                    partitions.lock().expect("partitions lock poisoned").release_due(consumer.as_ref());
+                }
                 message = consumer.recv() => break message,
             }
         };
@@ -268,26 +223,35 @@ pub async fn run(
         let record = Record::from_message(&message);
         drop(message);
         let tp: TopicPartition = (record.topic.clone(), record.partition);
-        if held.lock().expect("held lock poisoned").is_held(&tp) {
+        if !partitions
+            .lock()
+            .expect("partitions lock poisoned")
+            .accepts(&tp)
+        {
             // Fetched before the pause took effect; it comes again after the seek back.
             continue;
         }
         let job = pipeline.prepare(record);
         if let Some(due_at) = job.due_at.filter(|due| *due > now_millis()) {
-            hold(&consumer, &held, tp, job.record.offset, due_at);
+            partitions.lock().expect("partitions lock poisoned").hold(
+                consumer.as_ref(),
+                tp,
+                job.record.offset,
+                due_at,
+            );
             continue;
         }
         if let Some(due_at) = job.due_at {
             metrics::histogram!("im_ingest_retry_lateness_seconds")
                 .record((now_millis() - due_at).max(0) as f64 / 1000.0);
         }
-        {
-            let mut tracker = tracker.lock().expect("tracker lock poisoned");
-            tracker.begin(&tp, job.record.offset);
-            metrics::gauge!("im_ingest_in_flight").set(tracker.in_flight() as f64);
-        }
+        let generation = partitions
+            .lock()
+            .expect("partitions lock poisoned")
+            .begin(&tp, job.record.offset);
         dispatcher.dispatch(Work {
             job: Arc::new(job),
+            generation,
             _permit: permit,
         });
     }
@@ -301,16 +265,16 @@ pub async fn run(
     let drained = tokio::time::timeout(deadline, permits.acquire_many(all)).await;
     cancel.cancel();
     if drained.is_err() {
-        let left = tracker.lock().expect("tracker lock poisoned").in_flight();
+        let left = partitions
+            .lock()
+            .expect("partitions lock poisoned")
+            .in_flight();
         tracing::warn!(
             left,
             "shutdown deadline reached; unfinished records will be redelivered"
         );
     }
-    match consumer.commit_consumer_state(CommitMode::Sync) {
-        Ok(()) => tracing::info!("offsets committed"),
-        Err(error) => tracing::debug!(%error, "final commit"),
-    }
+    commit_stored(consumer.as_ref(), "at shutdown");
     consumer.unsubscribe();
     Ok(())
 }

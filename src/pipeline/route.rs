@@ -13,7 +13,7 @@ use super::batch::{Pending, Stages, Step};
 use super::{now_millis, Job, Outcome};
 use crate::message::UserKey;
 use crate::retry::headers::RetryHeaders;
-use crate::retry::publish::Publisher;
+use crate::retry::publish::{Payload, Publisher};
 
 /// A record to publish to a delay or dead-letter topic.
 pub(super) struct Route {
@@ -59,14 +59,14 @@ impl Route {
         match &self.user {
             Some(user) => {
                 publisher
-                    .publish_for_user(&self.topic, &job.record, &self.headers, user)
+                    .publish_for_user(&self.topic, payload(job), &self.headers, user)
                     .await?;
                 metrics::counter!("im_ingest_retries_total", "attempt" => self.headers.attempts.to_string())
                     .increment(1);
             }
             None => {
                 publisher
-                    .publish(&self.topic, &job.record, &self.headers)
+                    .publish(&self.topic, payload(job), &self.headers)
                     .await?;
                 metrics::counter!("im_ingest_dead_letters_total", "reason" => self.headers.exception_fqcn.clone())
                     .increment(1);
@@ -108,6 +108,14 @@ impl Stages {
                 "after_delay_publish"
             ));
         }
+    }
+}
+
+/// The source record's key and value, unchanged.
+fn payload(job: &Job) -> Payload<'_> {
+    Payload {
+        key: job.record.key.as_deref(),
+        value: job.record.value.as_deref(),
     }
 }
 

@@ -15,12 +15,18 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use super::headers::RetryHeaders;
 use crate::config::KafkaSettings;
 use crate::message::UserKey;
-use crate::pipeline::Record;
 
 /// How long one publish may wait for the broker before it counts as failed.
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long reading a topic's partition count may take.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The key and value of a record to publish (each as the source record had it).
+#[derive(Debug, Clone, Copy)]
+pub struct Payload<'a> {
+    pub key: Option<&'a [u8]>,
+    pub value: Option<&'a [u8]>,
+}
 
 #[derive(Clone)]
 pub struct Publisher {
@@ -54,7 +60,7 @@ impl Publisher {
     pub async fn publish_for_user(
         &self,
         topic: &str,
-        record: &Record,
+        record: Payload<'_>,
         headers: &RetryHeaders,
         user: &UserKey,
     ) -> anyhow::Result<()> {
@@ -99,7 +105,7 @@ impl Publisher {
     pub async fn publish(
         &self,
         topic: &str,
-        record: &Record,
+        record: Payload<'_>,
         headers: &RetryHeaders,
     ) -> anyhow::Result<()> {
         self.send(topic, None, record, headers).await
@@ -109,7 +115,7 @@ impl Publisher {
         &self,
         topic: &str,
         partition: Option<i32>,
-        record: &Record,
+        record: Payload<'_>,
         headers: &RetryHeaders,
     ) -> anyhow::Result<()> {
         let mut out: FutureRecord<'_, [u8], [u8]> =
@@ -117,11 +123,11 @@ impl Publisher {
         if let Some(partition) = partition {
             out = out.partition(partition);
         }
-        if let Some(key) = &record.key {
-            out = out.key(key.as_slice());
+        if let Some(key) = record.key {
+            out = out.key(key);
         }
-        if let Some(value) = &record.value {
-            out = out.payload(value.as_slice());
+        if let Some(value) = record.value {
+            out = out.payload(value);
         }
         self.producer
             .send(out, DELIVERY_TIMEOUT)

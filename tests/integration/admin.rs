@@ -12,7 +12,7 @@ use crate::pipeline::payload;
 use crate::worker::{start, wait_until_all_committed};
 
 /// A plain HTTP/1.1 GET; returns (status, body).
-fn get(address: &str, path: &str) -> (u16, String) {
+pub fn get(address: &str, path: &str) -> (u16, String) {
     let mut stream = std::net::TcpStream::connect(address).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -88,7 +88,7 @@ async fn readyz_turns_unready_when_redis_or_the_database_goes_away_and_ready_whe
     env.drop_database().await;
 }
 
-fn metric(text: &str, series: &str) -> Option<f64> {
+pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())

@@ -157,8 +157,20 @@ impl WorkerProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// SIGTERM, wait (bounded) for the exit, and return the exit status with the log
+    /// (which is removed with the process's directory).
+    #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+    pub fn stop_with_log(mut self) -> (Option<std::process::ExitStatus>, String) {
+        let status = self.terminate();
+        (status, self.log_text())
+    }
+
     /// SIGTERM, then wait (bounded) for the exit.
     pub fn stop(mut self) -> Option<std::process::ExitStatus> {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> Option<std::process::ExitStatus> {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();

@@ -16,6 +16,8 @@ mod isolation;
 mod kafka_offsets;
 mod kafka_util;
 mod lock;
+#[cfg(feature = "failpoints")]
+mod partition_state;
 mod pipeline;
 mod retries;
 mod schema;

@@ -165,12 +165,15 @@ pub async fn run(
                 Err(_) => break,
             }
         }
-        {
+        let generations: Vec<u64> = {
             let mut tracker = tracker.lock().expect("tracker lock poisoned");
-            for record in &batch {
-                tracker.begin(&(record.topic.clone(), record.partition), record.offset);
-            }
-        }
+            batch
+                .iter()
+                .map(|record| {
+                    tracker.begin(&(record.topic.clone(), record.partition), record.offset)
+                })
+                .collect()
+        };
         let permit = permits.clone().acquire_owned().await?;
         let handler = handler.clone();
         let consumer = consumer.clone();
@@ -183,7 +186,7 @@ pub async fn run(
                 );
                 tokio::time::sleep(RETRY_PAUSE).await;
             }
-            store_completed(&consumer, &tracker, &batch);
+            store_completed(&consumer, &tracker, &batch, &generations);
             drop(permit);
         });
     }
@@ -198,12 +201,13 @@ fn store_completed<C: ConsumerContext>(
     consumer: &StreamConsumer<C>,
     tracker: &Mutex<OffsetTracker>,
     batch: &[Record],
+    generations: &[u64],
 ) {
     let mut tracker = tracker.lock().expect("tracker lock poisoned");
     let mut moved: HashMap<TopicPartition, i64> = HashMap::new();
-    for record in batch {
+    for (record, generation) in batch.iter().zip(generations) {
         let tp = (record.topic.clone(), record.partition);
-        if let Some(position) = tracker.complete(&tp, record.offset) {
+        if let Some(position) = tracker.complete(&tp, record.offset, *generation) {
             moved.insert(tp, position);
         }
     }

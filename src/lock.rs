@@ -136,7 +136,15 @@ impl LockClient {
                 .arg(key);
         }
         let mut connection = self.connection.clone();
-        let replies: Vec<redis::Value> = pipe.query_async(&mut connection).await?;
+        let replies: Vec<redis::Value> = match pipe.query_async(&mut connection).await {
+            Ok(replies) => replies,
+            Err(error) => {
+                // Redis may have applied the SETs before the reply was lost: give back
+                // whatever of ours it holds (compare-and-delete), best effort.
+                self.release_tokens(&keys).await;
+                return Err(error);
+            }
+        };
         let mut replies = replies.into_iter();
         let mut answers = Vec::with_capacity(keys.len());
         for (key, token) in keys {
@@ -167,6 +175,21 @@ impl LockClient {
             });
         }
         Ok(answers)
+    }
+
+    /// Deletes each key that still holds its token; errors are ignored (the keys then
+    /// expire with their leases).
+    async fn release_tokens(&self, keys: &[(String, String)]) {
+        let mut pipe = redis::pipe();
+        for (key, token) in keys {
+            pipe.cmd("EVAL")
+                .arg(RELEASE_SCRIPT)
+                .arg(1)
+                .arg(key)
+                .arg(token);
+        }
+        let mut connection = self.connection.clone();
+        let _: redis::RedisResult<Vec<i64>> = pipe.query_async(&mut connection).await;
     }
 
     /// Gives back many held locks in one pipelined round trip (a compare-and-delete per

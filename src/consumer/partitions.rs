@@ -171,7 +171,12 @@ impl Partitions {
         let partitions: BTreeSet<TopicPartition> =
             paused.into_iter().chain(dropped.keys().cloned()).collect();
         for tp in partitions {
-            if assigned.find_partition(&tp.0, tp.1).is_none() || self.held.is_held(&tp) {
+            // Held ones wait for their due time; ones whose seek failed stay paused
+            // until `retry_seeks` gets it done.
+            if assigned.find_partition(&tp.0, tp.1).is_none()
+                || self.held.is_held(&tp)
+                || self.seeks.contains_key(&tp)
+            {
                 continue;
             }
             let offset = self

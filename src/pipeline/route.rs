@@ -3,7 +3,10 @@
 //! Guarantee: every record routed in a batch is sent concurrently with the others, and
 //! it is settled only once the broker acknowledged it (`Publisher`); a send that fails
 //! leaves its record unsettled with the error in its place, so the record is processed
-//! again. The original key and value travel unchanged, with the contract's headers.
+//! again. Records after one of their user batch that already failed are not sent (they
+//! will be processed again anyway); records of one user batch sent together may still
+//! be sent twice when an earlier one of them fails (a duplicate delay record, stored
+//! once like any redelivery). The original key and value travel unchanged, with the contract's headers.
 
 use std::sync::Arc;
 
@@ -82,8 +85,16 @@ impl Stages {
     pub(super) async fn route(&self, batch: &mut [Pending]) {
         let mut sends = JoinSet::new();
         for (unit, pending) in batch.iter_mut().enumerate() {
+            let mut failed = false;
             for (index, step) in pending.steps.iter_mut().enumerate() {
+                // Past a record that failed, nothing of the user batch is reported, so
+                // a record published there would be published again when it is retried.
+                failed |= matches!(step, Step::Settled(Err(_)) | Step::Unsettled);
                 if !matches!(step, Step::Route(_)) {
+                    continue;
+                }
+                if failed {
+                    *step = Step::Unsettled;
                     continue;
                 }
                 let Step::Route(route) = std::mem::replace(step, Step::Unsettled) else {

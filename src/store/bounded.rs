@@ -1,14 +1,16 @@
 //! The connection one pipeline batch writes on, with a bound on how long a transaction
 //! may wait inside the database.
 //!
-//! Guarantee: a write returns within about the stall limit plus a round trip, whatever
-//! the database does: a transaction still running at the limit (a row lock held by an
+//! Guarantee: a write returns within about the stall limit plus a round trip while the
+//! database answers, and within the stall limit plus [`INTERRUPT_GRACE`] twice when it
+//! does not answer at all: a transaction still running at the limit (a row lock held by an
 //! outside transaction, a stalled disk) has its statement interrupted from a second
 //! connection (`KILL QUERY <id>`, which MySQL and MariaDB allow on a user's own
 //! connections without extra privileges), is rolled back, and the caller gets
-//! [`BatchWriteError::Stalled`]. The write's future is never dropped mid-statement, and
-//! the interrupted connection is closed rather than given back to the pool (so a late
-//! interrupt can never hit a later statement). Nothing of a failed write is committed.
+//! [`BatchWriteError::Stalled`]. The write's future is dropped mid-statement only when
+//! the database stops answering, and the interrupted connection is always thrown away
+//! rather than given back to the pool (so a late interrupt can never hit a later
+//! statement). Nothing of a failed write is committed.
 
 use std::time::{Duration, Instant};
 
@@ -18,6 +20,10 @@ use sqlx::{ConnectOptions, Connection, MySqlPool};
 
 use super::batch::{try_write_batch, BatchItem};
 use super::write::{is_retryable, WriteOutcome, MAX_TRANSACTION_ATTEMPTS};
+
+/// How long interrupting a stalled write, and then its end, may each take before the
+/// write is given up (a database that does not answer at all).
+const INTERRUPT_GRACE: Duration = Duration::from_secs(2);
 
 /// Why a batch write did not commit.
 #[derive(Debug, thiserror::Error)]
@@ -94,8 +100,17 @@ impl BatchConnection {
                 written = &mut write => return written,
                 _ = tokio::time::sleep(self.stall_limit) => {}
             }
-            interrupt(&self.pool, server_id).await;
-            write.await
+            if tokio::time::timeout(INTERRUPT_GRACE, interrupt(&self.pool, server_id))
+                .await
+                .is_err()
+            {
+                tracing::warn!("interrupting a stalled write timed out");
+            }
+            // A database that no longer answers at all: give the write up (its
+            // connection is thrown away below, so dropping it mid-statement is safe).
+            tokio::time::timeout(INTERRUPT_GRACE, write)
+                .await
+                .unwrap_or(Err(BatchWriteError::Stalled(self.stall_limit)))
         };
         tracing::warn!(
             waited_ms = started.elapsed().as_millis() as u64,
@@ -106,7 +121,7 @@ impl BatchConnection {
         metrics::counter!("im_ingest_db_write_stalls_total").increment(1);
         // Close it: an interrupt that arrives late must not hit a later statement.
         if let Some(connection) = self.connection.take() {
-            let _ = connection.detach().close().await;
+            let _ = tokio::time::timeout(INTERRUPT_GRACE, connection.detach().close()).await;
         }
         match written {
             // It committed after all, just before the interrupt landed.

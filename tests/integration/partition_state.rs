@@ -101,7 +101,7 @@ async fn a_commit_refused_during_a_rebalance_is_tried_again_and_the_offsets_reac
         .find("commit refused: a rebalance is in progress; trying again")
         .unwrap_or_else(|| panic!("the fault point never refused a commit; log:\n{log}"));
     assert!(
-        log[refused..].contains("offsets committed"),
+        log[refused..].contains("offsets committed when=\"at shutdown\""),
         "the refused commit was not tried again; log:\n{log}"
     );
     assert_eq!(
@@ -135,10 +135,22 @@ async fn queued_records_of_a_revoked_partition_are_dropped_not_processed_by_the_
             produce(&producer, &env.inbound, Some(partition), value.as_bytes()).await;
         }
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A holds all 10 (2 being written, 8 queued) before the second worker joins.
+    let admin = a.admin_address();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, body) = get(&admin, "/metrics");
+        if metric(&body, "im_ingest_in_flight") == Some(10.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A never had the 10 records in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let b = WorkerProcess::start(&env);
 
-    let admin = a.admin_address();
     let deadline = Instant::now() + WAIT;
     let dropped = loop {
         let (_, body) = get(&admin, "/metrics");
@@ -148,7 +160,12 @@ async fn queued_records_of_a_revoked_partition_are_dropped_not_processed_by_the_
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    assert_eq!(dropped, 8.0, "A's log:\n{}", a.log_text());
+    // At least the 8 queued ones (a further rebalance may drop records fetched again).
+    assert!(
+        dropped >= 8.0,
+        "A dropped {dropped}; A's log:\n{}",
+        a.log_text()
+    );
     // Nothing is lost: the next owners store everything.
     wait_for_count(&pool, "SELECT COUNT(*) FROM message", 10, &b).await;
     wait_until_all_committed(&env, &b).await;

@@ -36,7 +36,7 @@ pub use topics::{ensure_topics, worker_topics};
 use crate::config::Settings;
 use crate::health::Health;
 use crate::pipeline::{now_millis, Pipeline, Record};
-use commit::commit_stored;
+use commit::{commit_at_shutdown, commit_on_revoke};
 use dispatch::{Dispatcher, Work};
 use partitions::Partitions;
 use tracker::TopicPartition;
@@ -79,7 +79,7 @@ impl ConsumerContext for WorkerContext {
                     .expect("partitions lock poisoned")
                     .revoke(&revoked);
                 tracing::info!(partitions = ?revoked, abandoned, "partitions revoked");
-                commit_stored(consumer, "on revoke");
+                commit_on_revoke(consumer);
             }
             Rebalance::Assign(tpl) => {
                 tracing::info!(partitions = ?partitions_of(tpl), "partitions assigned");
@@ -274,7 +274,7 @@ pub async fn run(
             "shutdown deadline reached; unfinished records will be redelivered"
         );
     }
-    commit_stored(consumer.as_ref(), "at shutdown");
+    commit_at_shutdown(consumer.as_ref()).await;
     consumer.unsubscribe();
     Ok(())
 }

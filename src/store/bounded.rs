@@ -25,6 +25,21 @@ use super::write::{is_retryable, WriteOutcome, MAX_TRANSACTION_ATTEMPTS};
 /// write is given up (a database that does not answer at all).
 const INTERRUPT_GRACE: Duration = Duration::from_secs(2);
 
+/// Writes many messages idempotently in one transaction on a connection of `pool`,
+/// tried again after a deadlock, a lock-wait timeout or a race like
+/// [`BatchConnection::write`], bounded only by the database's own lock-wait timeout:
+/// for callers outside the pipeline, which have no stall limit of their own.
+pub async fn write_batch(
+    pool: &MySqlPool,
+    items: &[BatchItem<'_>],
+) -> Result<Vec<WriteOutcome>, BatchWriteError> {
+    const NO_STALL_LIMIT: Duration = Duration::from_secs(3600);
+    BatchConnection::acquire(pool, NO_STALL_LIMIT)
+        .await?
+        .write(items)
+        .await
+}
+
 /// Why a batch write did not commit.
 #[derive(Debug, thiserror::Error)]
 pub enum BatchWriteError {

@@ -13,6 +13,6 @@ mod write;
 
 pub(crate) use batch::write_unchecked;
 pub use batch::BatchItem;
-pub use bounded::{BatchConnection, BatchWriteError};
+pub use bounded::{write_batch, BatchConnection, BatchWriteError};
 pub use migrate::{connect, create_database_if_missing, migrate, MIGRATOR};
-pub use write::{is_retryable, write_batch, write_message, Provenance, WriteOutcome};
+pub use write::{is_retryable, write_message, Provenance, WriteOutcome};

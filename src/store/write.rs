@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use sqlx::{MySql, MySqlPool, Transaction};
 
-use super::batch::{try_write_batch, BatchItem};
 use crate::message::ChatMessage;
 
 /// Where the record that carried a message came from (stored on the message row).
@@ -45,44 +44,6 @@ pub async fn write_message(
     provenance: &Provenance,
 ) -> Result<WriteOutcome, sqlx::Error> {
     with_retries(|| try_write_message(pool, message, provenance)).await
-}
-
-/// Writes many messages idempotently in one transaction (see `batch`), retried like
-/// [`write_message`]; one outcome per item, in order.
-///
-/// A batch raced by another writer (see `batch`) is rolled back and run again, up to
-/// [`MAX_TRANSACTION_ATTEMPTS`] times; it can race only writers of the same messages,
-/// which the user lock keeps apart but for contended and degraded writes.
-pub async fn write_batch(
-    pool: &MySqlPool,
-    items: &[BatchItem<'_>],
-) -> Result<Vec<WriteOutcome>, sqlx::Error> {
-    for _ in 0..MAX_TRANSACTION_ATTEMPTS {
-        let written = with_retries(|| batch_transaction(pool, items)).await?;
-        if let Some(outcomes) = written {
-            return Ok(outcomes);
-        }
-        metrics::counter!("im_ingest_db_transaction_retries_total").increment(1);
-    }
-    Err(sqlx::Error::Protocol(format!(
-        "other writers inserted messages of this batch during each of \
-         {MAX_TRANSACTION_ATTEMPTS} attempts"
-    )))
-}
-
-/// One transaction of [`try_write_batch`]: committed when it could tell the outcomes,
-/// rolled back (and `None`) when it was raced.
-async fn batch_transaction(
-    pool: &MySqlPool,
-    items: &[BatchItem<'_>],
-) -> Result<Option<Vec<WriteOutcome>>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let outcomes = try_write_batch(&mut tx, items).await?;
-    match outcomes {
-        Some(_) => tx.commit().await?,
-        None => tx.rollback().await?,
-    }
-    Ok(outcomes)
 }
 
 /// Runs a transaction until it succeeds, fails otherwise than by a deadlock or a

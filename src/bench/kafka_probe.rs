@@ -13,6 +13,7 @@ use anyhow::Context;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -83,12 +84,17 @@ pub struct GroupReader {
 impl GroupReader {
     /// Whether the group has finished joining (state `Stable`) with `members` members
     /// (a group of several processes is stable in between, while the rest still join).
+    /// A coordinator still loading (a freshly started broker) reads as "not yet".
     pub fn is_stable(&self, members: usize) -> anyhow::Result<bool> {
-        let groups = self
+        let groups = match self
             .consumer
             .client()
             .fetch_group_list(Some(&self.group), TIMEOUT)
-            .context("describing the bench group")?;
+        {
+            Ok(groups) => groups,
+            Err(error) if coordinator_is_settling(&error) => return Ok(false),
+            Err(error) => return Err(error).context("describing the bench group"),
+        };
         Ok(groups
             .groups()
             .iter()
@@ -99,7 +105,8 @@ impl GroupReader {
     /// every topic in `topics` (a missing or empty topic counts as done). The end is the
     /// high watermark, or for a topic in `known_ends` the offsets given there (a
     /// transactional backlog's watermark lies past its commit marker, which a consumer
-    /// storing its own offsets never commits).
+    /// storing its own offsets never commits). A coordinator still settling reads as
+    /// "not yet".
     pub fn all_committed(
         &self,
         topics: &[String],
@@ -114,10 +121,11 @@ impl GroupReader {
             for partition in &partitions {
                 wanted.add_partition(topic, *partition);
             }
-            let committed = self
-                .consumer
-                .committed_offsets(wanted, TIMEOUT)
-                .context("reading committed offsets")?;
+            let committed = match self.consumer.committed_offsets(wanted, TIMEOUT) {
+                Ok(committed) => committed,
+                Err(error) if coordinator_is_settling(&error) => return Ok(false),
+                Err(error) => return Err(error).context("reading committed offsets"),
+            };
             for partition in partitions {
                 let high = match known_ends.get(topic) {
                     Some(ends) => ends.get(&partition).copied().unwrap_or(0),
@@ -167,5 +175,38 @@ impl GroupReader {
             .filter(|t| t.error().is_none())
             .flat_map(|t| t.partitions().iter().map(|p| p.id()))
             .collect())
+    }
+}
+
+/// Whether `error` is a group coordinator that is still loading or moving (a broker
+/// just started, or the coordinator changed): the question is asked again, not failed.
+fn coordinator_is_settling(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::CoordinatorLoadInProgress
+                | RDKafkaErrorCode::CoordinatorNotAvailable
+                | RDKafkaErrorCode::NotCoordinator
+        )
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loading_or_moving_coordinator_is_asked_again_other_errors_fail() {
+        let settling = [
+            RDKafkaErrorCode::CoordinatorLoadInProgress,
+            RDKafkaErrorCode::CoordinatorNotAvailable,
+            RDKafkaErrorCode::NotCoordinator,
+        ];
+        for code in settling {
+            assert!(coordinator_is_settling(&KafkaError::GroupListFetch(code)));
+            assert!(coordinator_is_settling(&KafkaError::OffsetFetch(code)));
+        }
+        let fatal = KafkaError::GroupListFetch(RDKafkaErrorCode::GroupAuthorizationFailed);
+        assert!(!coordinator_is_settling(&fatal));
     }
 }

@@ -27,8 +27,12 @@ impl Health {
         }
     }
 
-    pub fn set_assigned_partitions(&self, count: usize) {
-        self.assigned_partitions.store(count, Ordering::Relaxed);
+    /// One consumer of the instance now holds `after` partitions instead of `before`
+    /// (the instance's total is the sum over its consumers).
+    pub fn assignment_changed(&self, before: usize, after: usize) {
+        self.assigned_partitions.fetch_add(after, Ordering::Relaxed);
+        self.assigned_partitions
+            .fetch_sub(before, Ordering::Relaxed);
     }
 
     pub fn assigned_partitions(&self) -> usize {

@@ -143,6 +143,10 @@ pub fn register_all() {
         "im_ingest_consumer_lag",
         "Records behind the partition's end, per topic and partition (librdkafka statistics)"
     );
+    describe_gauge!(
+        "im_ingest_assigned_partitions",
+        "Partitions of each consumed topic this instance holds"
+    );
     describe_histogram!(
         "im_ingest_stage_seconds",
         Unit::Seconds,

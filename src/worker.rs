@@ -110,7 +110,7 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> any
     let (_, admin) = admin::serve(settings, health.clone(), pipeline.pool.clone(), metrics).await?;
     let result = consumer::run(
         settings,
-        &consumed_topics(settings),
+        &consumer_subscriptions(settings),
         pipeline,
         health,
         shutdown,
@@ -136,13 +136,21 @@ async fn metrics_upkeep(handle: PrometheusHandle) {
     }
 }
 
-/// The inbound topic and every delay topic: one group consumes them all, so delay
-/// records come back to the same processing step once due.
-pub fn consumed_topics(settings: &Settings) -> Vec<String> {
-    consumer::worker_topics(settings)
+/// What the instance's consumers subscribe to: the inbound topic, and the delay topics
+/// (when retries are on). Both are consumed in the one group, so delay records come back
+/// to the same processing step once due; as two members, so each kind is spread over
+/// the group (see `consumer::member`).
+pub fn consumer_subscriptions(settings: &Settings) -> Vec<Vec<String>> {
+    let kafka = &settings.kafka;
+    let delays: Vec<String> = consumer::worker_topics(settings)
         .into_iter()
-        .filter(|t| *t != settings.kafka.dlq_topic)
-        .collect()
+        .filter(|t| *t != kafka.inbound_topic && *t != kafka.dlq_topic)
+        .collect();
+    let mut subscriptions = vec![vec![kafka.inbound_topic.clone()]];
+    if !delays.is_empty() {
+        subscriptions.push(delays);
+    }
+    subscriptions
 }
 
 /// Completes on the first SIGINT or SIGTERM. A second one exits the process at once

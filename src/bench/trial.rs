@@ -263,10 +263,12 @@ impl Bench {
         let mut processes = self.start(spec, names)?;
         let reader = self.probe.group_reader(&names.group)?;
         let mut consumed = vec![names.inbound.clone()];
+        let mut members = 1;
         if spec.contender.is_worker() {
             consumed.extend(self.delay_topics(names));
+            members = crate::worker::consumer_subscriptions(&self.settings).len();
         }
-        self.wait_joined(&reader, &mut processes).await?;
+        self.wait_joined(&reader, &mut processes, members).await?;
 
         let mut known_ends = HashMap::new();
         let (started, before, measured, window_end) = match (spec.scenario, held) {
@@ -443,17 +445,20 @@ impl Bench {
         Ok(processes)
     }
 
+    /// Waits until every process has joined the group with each of its `members`
+    /// consumers (a worker has one per kind of topic, see `consumer::member`).
     async fn wait_joined(
         &self,
         reader: &GroupReader,
         processes: &mut [ContenderProcess],
+        members: usize,
     ) -> anyhow::Result<()> {
         let deadline = Instant::now() + JOIN_TIMEOUT;
         loop {
             for process in processes.iter_mut() {
                 process.ensure_running()?;
             }
-            if tokio::task::block_in_place(|| reader.is_stable(processes.len()))? {
+            if tokio::task::block_in_place(|| reader.is_stable(processes.len() * members))? {
                 return Ok(());
             }
             anyhow::ensure!(

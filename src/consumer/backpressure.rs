@@ -13,16 +13,16 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use rdkafka::consumer::{ConsumerContext, StreamConsumer};
 use rdkafka::Message;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Interval;
 
-use super::partitions::Partitions;
+use super::member::Member;
+use super::recv_any;
 use super::tracker::TopicPartition;
 use crate::health::Health;
 
@@ -32,14 +32,13 @@ use crate::health::Health;
 pub const GRACE: Duration = Duration::from_secs(1);
 
 /// The consumer state backpressure touches.
-pub struct Loop<'a, C: ConsumerContext + 'static> {
-    pub consumer: &'a StreamConsumer<C>,
-    pub partitions: &'a Mutex<Partitions>,
+pub struct Loop<'a> {
+    pub members: &'a [Arc<Member>],
     pub health: &'a Health,
     pub heartbeat: &'a mut Interval,
 }
 
-impl<C: ConsumerContext + 'static> Loop<'_, C> {
+impl Loop<'_> {
     /// A free in-flight slot, or `None` if `shutdown` completed first.
     pub async fn acquire(
         &mut self,
@@ -63,22 +62,23 @@ impl<C: ConsumerContext + 'static> Loop<'_, C> {
         }
         // Still full after the grace period: pause every partition but keep polling, so
         // the group keeps this member and no rebalance moves the partitions around.
-        let paused = self
-            .partitions
-            .lock()
-            .expect("partitions lock poisoned")
-            .pause_all(self.consumer);
+        let paused: Vec<Vec<TopicPartition>> = self
+            .members
+            .iter()
+            .map(|m| m.partitions().pause_all(&m.consumer))
+            .collect();
         metrics::gauge!("im_ingest_backpressure").set(1.0);
-        let in_flight = self
-            .partitions
-            .lock()
-            .expect("partitions lock poisoned")
-            .in_flight();
+        let in_flight: usize = self
+            .members
+            .iter()
+            .map(|m| m.partitions().in_flight())
+            .sum();
         tracing::warn!(
             in_flight,
             "in-flight limit reached for longer than {GRACE:?}: partitions paused until records finish"
         );
         let mut dropped: HashMap<TopicPartition, i64> = HashMap::new();
+        let mut turn = 0;
         let permit = loop {
             tokio::select! {
                 _ = &mut shutdown => return Ok(None),
@@ -86,7 +86,7 @@ impl<C: ConsumerContext + 'static> Loop<'_, C> {
                 permit = permits.clone().acquire_owned() => {
                     break permit.context("in-flight semaphore closed")?;
                 }
-                message = self.consumer.recv() => match message {
+                (_, message) = recv_any(self.members, &mut turn) => match message {
                     // Fetched before the pause: dropped now, fetched again after the seek.
                     Ok(message) => {
                         let tp = (message.topic().to_string(), message.partition());
@@ -97,10 +97,11 @@ impl<C: ConsumerContext + 'static> Loop<'_, C> {
                 },
             }
         };
-        self.partitions
-            .lock()
-            .expect("partitions lock poisoned")
-            .resume_after_backpressure(self.consumer, paused, &dropped);
+        for (member, paused) in self.members.iter().zip(paused) {
+            member
+                .partitions()
+                .resume_after_backpressure(&member.consumer, paused, &dropped);
+        }
         metrics::gauge!("im_ingest_backpressure").set(0.0);
         tracing::info!("in-flight records finished: partitions resumed");
         Ok(Some(permit))

@@ -13,11 +13,10 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rdkafka::consumer::{ConsumerContext, StreamConsumer};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
-use super::partitions::Partitions;
+use super::member::Member;
 use super::tracker::TopicPartition;
 use crate::message::UserKey;
 use crate::pipeline::{Job, Pipeline};
@@ -32,6 +31,8 @@ pub struct Work {
     pub job: Arc<Job>,
     /// The assignment of its partition the record was received in.
     pub generation: u64,
+    /// The member (consumer) that received it: its partition's state and offsets.
+    pub member: Arc<Member>,
     /// Held, never read: dropping it (when the record is done) frees the slot.
     pub _permit: OwnedSemaphorePermit,
 }
@@ -40,30 +41,42 @@ impl Work {
     fn tp(&self) -> TopicPartition {
         (self.job.record.topic.clone(), self.job.record.partition)
     }
+
+    /// Whether the record still belongs to its partition's current assignment.
+    fn is_current(&self) -> bool {
+        self.member
+            .partitions()
+            .is_current(&self.tp(), self.generation)
+    }
+
+    /// Marks the record durable and stores the partition's new contiguous position
+    /// (under the partitions lock, so a revoke cannot slip in between).
+    fn complete(&self) {
+        self.member.partitions().complete(
+            &self.member.consumer,
+            &self.tp(),
+            self.job.record.offset,
+            self.generation,
+        );
+    }
 }
 
-pub struct Dispatcher<C: ConsumerContext + 'static> {
+pub struct Dispatcher {
     pipeline: Pipeline,
-    consumer: Arc<StreamConsumer<C>>,
-    partitions: Arc<Mutex<Partitions>>,
     /// Queued records of users being processed now; a user is present while its task runs.
     active: Mutex<HashMap<Option<UserKey>, VecDeque<Work>>>,
     cancel: CancellationToken,
     backoff: (Duration, Duration),
 }
 
-impl<C: ConsumerContext + 'static> Dispatcher<C> {
+impl Dispatcher {
     pub fn new(
         pipeline: Pipeline,
-        consumer: Arc<StreamConsumer<C>>,
-        partitions: Arc<Mutex<Partitions>>,
         cancel: CancellationToken,
         backoff: (Duration, Duration),
     ) -> Arc<Self> {
         Arc::new(Self {
             pipeline,
-            consumer,
-            partitions,
             active: Mutex::new(HashMap::new()),
             cancel,
             backoff,
@@ -101,7 +114,7 @@ impl<C: ConsumerContext + 'static> Dispatcher<C> {
             // Queued records of partitions revoked meanwhile belong to their next owner:
             // processing them here would only repeat its delay and dead-letter records.
             let before = queue.len();
-            queue.retain(|work| self.is_current(work));
+            queue.retain(|work| work.is_current());
             let dropped = before - queue.len();
             if dropped > 0 {
                 metrics::counter!("im_ingest_revoked_records_dropped_total")
@@ -131,7 +144,7 @@ impl<C: ConsumerContext + 'static> Dispatcher<C> {
             for work in pending.drain(..done) {
                 metrics::histogram!("im_ingest_processing_seconds")
                     .record(started.elapsed().as_secs_f64());
-                self.complete(&work);
+                work.complete();
             }
             let Some(error) = error else {
                 return;
@@ -141,7 +154,7 @@ impl<C: ConsumerContext + 'static> Dispatcher<C> {
             let cancelled = self.cancel.is_cancelled();
             pending.retain(|work| {
                 let record = &work.job.record;
-                let keep = !cancelled && self.is_current(work);
+                let keep = !cancelled && work.is_current();
                 if !keep {
                     tracing::warn!(topic = %record.topic, partition = record.partition, offset = record.offset,
                         error = format!("{error:#}"), "processing failed; record left to redelivery");
@@ -160,27 +173,5 @@ impl<C: ConsumerContext + 'static> Dispatcher<C> {
             }
             pause = (pause * 2).min(self.backoff.1);
         }
-    }
-
-    /// Whether the record still belongs to its partition's current assignment.
-    fn is_current(&self, work: &Work) -> bool {
-        self.partitions
-            .lock()
-            .expect("partitions lock poisoned")
-            .is_current(&work.tp(), work.generation)
-    }
-
-    /// Marks the record durable and stores the partition's new contiguous position
-    /// (under the partitions lock, so a revoke cannot slip in between).
-    fn complete(&self, work: &Work) {
-        self.partitions
-            .lock()
-            .expect("partitions lock poisoned")
-            .complete(
-                self.consumer.as_ref(),
-                &work.tp(),
-                work.job.record.offset,
-                work.generation,
-            );
     }
 }

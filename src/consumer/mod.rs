@@ -9,25 +9,29 @@
 //! At shutdown, fetching stops, in-flight work gets up to the deadline to finish, and the
 //! stored offsets are committed synchronously. Assignment is cooperative-sticky.
 //!
+//! The instance joins the group as one member per kind of topic (inbound, delay: see
+//! `member`), so each kind is spread over the group; one dispatcher serves them all.
 //! Every partition's state (offsets in flight, holds, pauses, seeks) has one owner,
-//! `partitions`; backpressure when `worker.max_in_flight` records are in flight: see
+//! its member's `partitions`; backpressure when `worker.max_in_flight` records are in flight: see
 //! `backpressure`; commits: see `commit`.
 
 mod backpressure;
 mod commit;
 mod dispatch;
 mod hold;
+mod member;
 mod partitions;
 mod topics;
 pub mod tracker;
 
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
-use rdkafka::consumer::{Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::{ClientContext, TopicPartitionList};
+use futures_util::future::select_all;
+use rdkafka::consumer::Consumer;
+use rdkafka::error::KafkaResult;
+use rdkafka::message::BorrowedMessage;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -36,74 +40,10 @@ pub use topics::{ensure_topics, worker_topics};
 use crate::config::Settings;
 use crate::health::Health;
 use crate::pipeline::{now_millis, Pipeline, Record};
-use commit::{commit_at_shutdown, commit_on_revoke};
+use commit::commit_at_shutdown;
 use dispatch::{Dispatcher, Work};
-use partitions::Partitions;
+use member::Member;
 use tracker::TopicPartition;
-
-/// Rebalance hooks: the revoke side of the partitions' state.
-pub struct WorkerContext {
-    partitions: Arc<Mutex<Partitions>>,
-    health: Arc<Health>,
-}
-
-impl ClientContext for WorkerContext {
-    /// librdkafka statistics (every `statistics.interval.ms`): consumer lag per partition.
-    fn stats(&self, statistics: rdkafka::Statistics) {
-        for (topic, stats) in &statistics.topics {
-            for (partition, p) in &stats.partitions {
-                if *partition >= 0 && p.consumer_lag >= 0 {
-                    metrics::gauge!("im_ingest_consumer_lag", "topic" => topic.clone(), "partition" => partition.to_string())
-                        .set(p.consumer_lag as f64);
-                }
-            }
-        }
-    }
-}
-
-impl ConsumerContext for WorkerContext {
-    /// Runs inside `recv()`: it must not wait for our own tasks. Revoked partitions'
-    /// in-flight records are abandoned (their offsets never stored), then what is stored
-    /// is committed so the next owner starts exactly after the durable prefix.
-    fn pre_rebalance(
-        &self,
-        consumer: &rdkafka::consumer::BaseConsumer<Self>,
-        rebalance: &Rebalance<'_>,
-    ) {
-        match rebalance {
-            Rebalance::Revoke(tpl) => {
-                let revoked = partitions_of(tpl);
-                let abandoned = self
-                    .partitions
-                    .lock()
-                    .expect("partitions lock poisoned")
-                    .revoke(&revoked);
-                tracing::info!(partitions = ?revoked, abandoned, "partitions revoked");
-                commit_on_revoke(consumer);
-            }
-            Rebalance::Assign(tpl) => {
-                tracing::info!(partitions = ?partitions_of(tpl), "partitions assigned");
-            }
-            Rebalance::Error(error) => tracing::warn!(%error, "rebalance error"),
-        }
-    }
-
-    /// Newly assigned partitions start unpaused (see `Partitions::assigned`).
-    fn post_rebalance(
-        &self,
-        consumer: &rdkafka::consumer::BaseConsumer<Self>,
-        rebalance: &Rebalance<'_>,
-    ) {
-        let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
-        self.health.set_assigned_partitions(assigned);
-        if let Rebalance::Assign(tpl) = rebalance {
-            self.partitions
-                .lock()
-                .expect("partitions lock poisoned")
-                .assigned(consumer, tpl);
-        }
-    }
-}
 
 /// Completes at `due` (epoch ms); never when there is nothing to wait for.
 async fn sleep_until_epoch_ms(due: Option<i64>) {
@@ -114,13 +54,6 @@ async fn sleep_until_epoch_ms(due: Option<i64>) {
         }
         None => std::future::pending().await,
     }
-}
-
-fn partitions_of(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
-    tpl.elements()
-        .iter()
-        .map(|e| (e.topic().to_string(), e.partition()))
-        .collect()
 }
 
 /// The configured group's consumer settings, before the raw `kafka.librdkafka` map
@@ -138,34 +71,20 @@ pub fn group_consumer_config(settings: &Settings) -> rdkafka::ClientConfig {
     config
 }
 
-/// Consumes `topics` in the configured group until `shutdown` completes.
+/// Consumes in the configured group until `shutdown` completes: one member (consumer)
+/// per entry of `subscriptions` (see `member`), all feeding one dispatcher.
 pub async fn run(
     settings: &Settings,
-    topics: &[String],
+    subscriptions: &[Vec<String>],
     pipeline: Pipeline,
     health: Arc<Health>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let partitions = Arc::new(Mutex::new(Partitions::default()));
-    let mut config = group_consumer_config(settings);
-    config.set("statistics.interval.ms", "5000");
-    // The raw passthrough map wins over our defaults too.
-    for (key, value) in &settings.kafka.librdkafka {
-        config.set(key, value);
-    }
-    let consumer: Arc<StreamConsumer<WorkerContext>> = Arc::new(
-        config
-            .create_with_context(WorkerContext {
-                partitions: partitions.clone(),
-                health: health.clone(),
-            })
-            .context("creating the Kafka consumer")?,
-    );
-    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-    consumer
-        .subscribe(&names)
-        .with_context(|| format!("subscribing to {names:?}"))?;
-    tracing::info!(topics = ?names, group = %settings.kafka.group_id, "consuming");
+    let members: Vec<Arc<Member>> = subscriptions
+        .iter()
+        .map(|topics| Member::join(settings, topics, health.clone()).map(Arc::new))
+        .collect::<anyhow::Result<_>>()?;
+    anyhow::ensure!(!members.is_empty(), "no topics to consume");
 
     let max_in_flight = settings.worker.max_in_flight;
     let permits = Arc::new(Semaphore::new(max_in_flight));
@@ -174,21 +93,15 @@ pub async fn run(
         Duration::from_millis(settings.worker.db_retry_initial_ms),
         Duration::from_millis(settings.worker.db_retry_max_ms),
     );
-    let dispatcher = Dispatcher::new(
-        pipeline.clone(),
-        consumer.clone(),
-        partitions.clone(),
-        cancel.clone(),
-        backoff,
-    );
+    let dispatcher = Dispatcher::new(pipeline.clone(), cancel.clone(), backoff);
 
     tokio::pin!(shutdown);
     let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
+    let mut turn = 0;
     'consume: loop {
         health.beat();
         let mut backpressure = backpressure::Loop {
-            consumer: &consumer,
-            partitions: &partitions,
+            members: &members,
             health: &health,
             heartbeat: &mut heartbeat,
         };
@@ -196,21 +109,25 @@ pub async fn run(
             break 'consume;
         };
         // Wait for a record, waking held delay partitions when they fall due.
-        let message = loop {
-            let next_due = partitions
-                .lock()
-                .expect("partitions lock poisoned")
-                .next_due();
+        let (member, message) = loop {
+            let next_due = members
+                .iter()
+                .filter_map(|m| m.partitions().next_due())
+                .min();
             tokio::select! {
                 _ = &mut shutdown => break 'consume,
                 _ = heartbeat.tick() => {
                     health.beat();
-                    partitions.lock().expect("partitions lock poisoned").retry_seeks(consumer.as_ref());
+                    for member in &members {
+                        member.partitions().retry_seeks(&member.consumer);
+                    }
                 }
                 _ = sleep_until_epoch_ms(next_due) => {
-                    partitions.lock().expect("partitions lock poisoned").release_due(consumer.as_ref());
+                    for member in &members {
+                        member.partitions().release_due(&member.consumer);
+                    }
                 }
-                message = consumer.recv() => break message,
+                received = recv_any(&members, &mut turn) => break received,
             }
         };
         let message = match message {
@@ -223,35 +140,26 @@ pub async fn run(
         let record = Record::from_message(&message);
         drop(message);
         let tp: TopicPartition = (record.topic.clone(), record.partition);
-        if !partitions
-            .lock()
-            .expect("partitions lock poisoned")
-            .accepts(&tp)
-        {
+        if !member.partitions().accepts(&tp) {
             // Fetched before the pause took effect; it comes again after the seek back.
             continue;
         }
         let job = pipeline.prepare(record);
         if let Some(due_at) = job.due_at.filter(|due| *due > now_millis()) {
-            partitions.lock().expect("partitions lock poisoned").hold(
-                consumer.as_ref(),
-                tp,
-                job.record.offset,
-                due_at,
-            );
+            member
+                .partitions()
+                .hold(&member.consumer, tp, job.record.offset, due_at);
             continue;
         }
         if let Some(due_at) = job.due_at {
             metrics::histogram!("im_ingest_retry_lateness_seconds")
                 .record((now_millis() - due_at).max(0) as f64 / 1000.0);
         }
-        let generation = partitions
-            .lock()
-            .expect("partitions lock poisoned")
-            .begin(&tp, job.record.offset);
+        let generation = member.partitions().begin(&tp, job.record.offset);
         dispatcher.dispatch(Work {
             job: Arc::new(job),
             generation,
+            member,
             _permit: permit,
         });
     }
@@ -265,16 +173,31 @@ pub async fn run(
     let drained = tokio::time::timeout(deadline, permits.acquire_many(all)).await;
     cancel.cancel();
     if drained.is_err() {
-        let left = partitions
-            .lock()
-            .expect("partitions lock poisoned")
-            .in_flight();
+        let left: usize = members.iter().map(|m| m.partitions().in_flight()).sum();
         tracing::warn!(
             left,
             "shutdown deadline reached; unfinished records will be redelivered"
         );
     }
-    commit_at_shutdown(consumer.as_ref()).await;
-    consumer.unsubscribe();
+    for member in &members {
+        commit_at_shutdown(&member.consumer).await;
+        member.consumer.unsubscribe();
+    }
     Ok(())
+}
+
+/// The next message of any member. Members are tried from a start that moves on with
+/// every call, so a member whose records are always ready (a backlog on the inbound
+/// topic) cannot keep another's (due delay records) waiting.
+async fn recv_any<'a>(
+    members: &'a [Arc<Member>],
+    turn: &mut usize,
+) -> (Arc<Member>, KafkaResult<BorrowedMessage<'a>>) {
+    *turn = turn.wrapping_add(1);
+    let first = *turn % members.len();
+    let receiving = members[first..]
+        .iter()
+        .chain(&members[..first])
+        .map(|member| Box::pin(member.recv()));
+    select_all(receiving).await.0
 }

@@ -11,7 +11,7 @@ use im_ingest::lock::{lock_key, Acquire, LockClient};
 use im_ingest::message::{ChatMessage, UserKey};
 use im_ingest::secret::SecretUrl;
 use im_ingest::store::{write_message, Provenance, WriteOutcome};
-use im_ingest::worker::{build_pipeline, consumed_topics, metrics_handle};
+use im_ingest::worker::{build_pipeline, consumer_subscriptions, metrics_handle};
 use redis::AsyncCommands;
 
 use crate::helpers::{unique, WorkerEnv};
@@ -144,7 +144,7 @@ async fn redis_stopped_then_hung_mid_run_loses_and_doubles_nothing_and_degraded_
     let pipeline = build_pipeline(&settings).await.unwrap();
     let pool = pipeline.pool.clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let topics = consumed_topics(&settings);
+    let topics = consumer_subscriptions(&settings);
     let worker = {
         let (settings, pipeline) = (settings.clone(), pipeline.clone());
         tokio::spawn(async move {
@@ -384,9 +384,10 @@ async fn database_cut_for_ten_seconds_moves_no_offset_past_unstored_records_and_
         log.contains("in-flight limit reached"),
         "backpressure never engaged:\n{log}"
     );
+    // Once per member of the instance (inbound, delay topics), at start.
     assert_eq!(
         log.matches("partitions assigned").count(),
-        1,
+        2,
         "a rebalance happened:\n{log}"
     );
     assert!(

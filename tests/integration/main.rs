@@ -11,6 +11,7 @@ mod crash_points;
 mod db_proxy;
 mod deploy;
 mod faults;
+mod group;
 mod helpers;
 mod isolation;
 mod kafka_offsets;

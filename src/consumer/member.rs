@@ -1,0 +1,165 @@
+//! One Kafka consumer of the worker's group, subscribed to one kind of topic, with the
+//! state of the partitions it holds.
+//!
+//! Guarantee: an instance joins its group as two members, one subscribed to the inbound
+//! topic and one to the delay topics, each with its own partitions' state. The group's
+//! assignor balances members by partition count across every topic they subscribe to,
+//! so one member of all topics per instance could be given every inbound partition while
+//! the others hold only delay partitions (measured: one of three instances did all the
+//! work, see BENCHMARKS.md); members of one kind each get their share of that kind.
+//! Assignment stays cooperative-sticky. On revoke, the revoked partitions' in-flight
+//! records are abandoned to the next owner and what is stored is committed.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use anyhow::Context;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::BorrowedMessage;
+use rdkafka::{ClientContext, TopicPartitionList};
+
+use super::commit::commit_on_revoke;
+use super::partitions::Partitions;
+use super::tracker::TopicPartition;
+use crate::config::Settings;
+use crate::health::Health;
+
+/// A consumer of the group and the state of its partitions.
+pub struct Member {
+    pub consumer: StreamConsumer<WorkerContext>,
+    partitions: Arc<Mutex<Partitions>>,
+}
+
+impl Member {
+    /// Creates a consumer with the group's settings (the raw `kafka.librdkafka` map
+    /// last, so it wins) and subscribes it to `topics`.
+    pub fn join(
+        settings: &Settings,
+        topics: &[String],
+        health: Arc<Health>,
+    ) -> anyhow::Result<Self> {
+        let partitions = Arc::new(Mutex::new(Partitions::default()));
+        let mut config = super::group_consumer_config(settings);
+        config.set("statistics.interval.ms", "5000");
+        for (key, value) in &settings.kafka.librdkafka {
+            config.set(key, value);
+        }
+        let consumer: StreamConsumer<WorkerContext> = config
+            .create_with_context(WorkerContext {
+                partitions: partitions.clone(),
+                health,
+                assigned: AtomicUsize::new(0),
+            })
+            .context("creating the Kafka consumer")?;
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&names)
+            .with_context(|| format!("subscribing to {names:?}"))?;
+        tracing::info!(topics = ?names, group = %settings.kafka.group_id, "consuming");
+        Ok(Self {
+            consumer,
+            partitions,
+        })
+    }
+
+    /// The state of this member's partitions.
+    pub fn partitions(&self) -> MutexGuard<'_, Partitions> {
+        self.partitions.lock().expect("partitions lock poisoned")
+    }
+
+    /// The next message (or consumer error) of this member, with the member.
+    pub async fn recv(self: &Arc<Self>) -> (Arc<Self>, KafkaResult<BorrowedMessage<'_>>) {
+        (self.clone(), self.consumer.recv().await)
+    }
+}
+
+/// Rebalance hooks: the revoke side of the partitions' state.
+pub struct WorkerContext {
+    partitions: Arc<Mutex<Partitions>>,
+    health: Arc<Health>,
+    /// Partitions this member holds, so the instance's total in `health` stays right.
+    assigned: AtomicUsize,
+}
+
+impl ClientContext for WorkerContext {
+    /// librdkafka statistics (every `statistics.interval.ms`): consumer lag per partition.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for (topic, stats) in &statistics.topics {
+            for (partition, p) in &stats.partitions {
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    metrics::gauge!("im_ingest_consumer_lag", "topic" => topic.clone(), "partition" => partition.to_string())
+                        .set(p.consumer_lag as f64);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for WorkerContext {
+    /// Runs inside `recv()`: it must not wait for our own tasks. Revoked partitions'
+    /// in-flight records are abandoned (their offsets never stored), then what is stored
+    /// is committed so the next owner starts exactly after the durable prefix.
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                let revoked = partitions_of(tpl);
+                let abandoned = self
+                    .partitions
+                    .lock()
+                    .expect("partitions lock poisoned")
+                    .revoke(&revoked);
+                tracing::info!(partitions = ?revoked, abandoned, "partitions revoked");
+                commit_on_revoke(consumer);
+            }
+            Rebalance::Assign(tpl) => {
+                tracing::info!(partitions = ?partitions_of(tpl), "partitions assigned");
+            }
+            Rebalance::Error(error) => tracing::warn!(%error, "rebalance error"),
+        }
+    }
+
+    /// Newly assigned partitions start unpaused (see `Partitions::assigned`).
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let assignment = consumer.assignment().unwrap_or_default();
+        let before = self.assigned.swap(assignment.count(), Ordering::Relaxed);
+        self.health.assignment_changed(before, assignment.count());
+        report_assignment(consumer, &assignment);
+        if let Rebalance::Assign(tpl) = rebalance {
+            self.partitions
+                .lock()
+                .expect("partitions lock poisoned")
+                .assigned(consumer, tpl);
+        }
+    }
+}
+
+/// Sets `im_ingest_assigned_partitions{topic}` for every subscribed topic (0 for one
+/// this member holds nothing of), so each instance shows which topics it works on.
+fn report_assignment<C: ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    assignment: &TopicPartitionList,
+) {
+    let mut per_topic: std::collections::HashMap<String, usize> = consumer
+        .subscription()
+        .map(|s| {
+            s.elements()
+                .iter()
+                .map(|e| (e.topic().to_string(), 0))
+                .collect()
+        })
+        .unwrap_or_default();
+    for element in assignment.elements() {
+        *per_topic.entry(element.topic().to_string()).or_default() += 1;
+    }
+    for (topic, count) in per_topic {
+        metrics::gauge!("im_ingest_assigned_partitions", "topic" => topic).set(count as f64);
+    }
+}
+
+fn partitions_of(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect()
+}

@@ -19,6 +19,23 @@ fn assigned(admin: &str, topic: &str) -> Option<f64> {
     )
 }
 
+/// Waits until the instance behind `admin` holds partitions of the inbound and of the
+/// first delay topic: both of its members have joined (a single instance then sees no
+/// further rebalance).
+pub async fn wait_until_both_members_joined(env: &WorkerEnv, worker: &WorkerProcess) {
+    let admin = worker.admin_address();
+    let deadline = Instant::now() + WAIT;
+    let holds = |topic: &str| assigned(&admin, topic).is_some_and(|n| n > 0.0);
+    while !(holds(&env.inbound) && holds(&env.first_delay_topic())) {
+        assert!(
+            Instant::now() < deadline,
+            "the worker's members did not both join; log:\n{}",
+            worker.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test]
 async fn three_workers_in_one_group_each_hold_two_of_the_six_inbound_partitions() {
     // Six inbound partitions and four delay topics of six: thirty partitions in all.

@@ -88,6 +88,15 @@ async fn readyz_turns_unready_when_redis_or_the_database_goes_away_and_ready_whe
     env.drop_database().await;
 }
 
+/// Partitions of `topic` the instance behind `admin` holds, from its `/metrics`.
+pub fn assigned_partitions(admin: &str, topic: &str) -> Option<f64> {
+    let (_, body) = get(admin, "/metrics");
+    metric(
+        &body,
+        &format!("im_ingest_assigned_partitions{{topic=\"{topic}\"}}"),
+    )
+}
+
 pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))

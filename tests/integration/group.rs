@@ -4,37 +4,11 @@
 
 use std::time::{Duration, Instant};
 
-use crate::admin::{get, metric};
+use crate::admin::assigned_partitions as assigned;
 use crate::helpers::{unique, WorkerEnv, WorkerProcess};
 use crate::kafka_util::{produce, producer};
 use crate::pipeline::payload;
 use crate::worker::{start, wait_for_count, wait_until_all_committed, WAIT};
-
-/// Partitions of `topic` the instance behind `admin` holds, from its `/metrics`.
-fn assigned(admin: &str, topic: &str) -> Option<f64> {
-    let (_, body) = get(admin, "/metrics");
-    metric(
-        &body,
-        &format!("im_ingest_assigned_partitions{{topic=\"{topic}\"}}"),
-    )
-}
-
-/// Waits until the instance behind `admin` holds partitions of the inbound and of the
-/// first delay topic: both of its members have joined (a single instance then sees no
-/// further rebalance).
-pub async fn wait_until_both_members_joined(env: &WorkerEnv, worker: &WorkerProcess) {
-    let admin = worker.admin_address();
-    let deadline = Instant::now() + WAIT;
-    let holds = |topic: &str| assigned(&admin, topic).is_some_and(|n| n > 0.0);
-    while !(holds(&env.inbound) && holds(&env.first_delay_topic())) {
-        assert!(
-            Instant::now() < deadline,
-            "the worker's members did not both join; log:\n{}",
-            worker.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 #[tokio::test]
 async fn three_workers_in_one_group_each_hold_two_of_the_six_inbound_partitions() {

@@ -10,7 +10,8 @@ use crate::helpers::{unique, OutsideLock, WorkerEnv, WorkerProcess};
 use crate::kafka_util::{committed, end_offset, produce, producer};
 use crate::pipeline::payload;
 use crate::worker::{
-    start, wait_for_count, wait_until_all_committed, wait_until_topic_committed, WAIT,
+    start, wait_for_count, wait_until_all_committed, wait_until_both_members_joined,
+    wait_until_topic_committed, WAIT,
 };
 
 #[tokio::test]
@@ -20,6 +21,7 @@ async fn a_failed_seek_back_keeps_the_delay_partition_paused_until_a_seek_succee
     // back to its head record when it falls due.
     let env = WorkerEnv::new(1).with_var("FAILPOINTS", "seek_fails=1*return");
     let (worker, pool) = start(&env).await;
+    wait_until_both_members_joined(&env, &worker).await;
     // One message first, so the worker owns the partition before the lock's TTL runs.
     let warm_up = payload(&unique("warm"), "warm-up");
     produce(&producer(), &env.inbound, Some(0), warm_up.as_bytes()).await;

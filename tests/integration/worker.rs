@@ -10,6 +10,7 @@ use rdkafka::Message;
 use sqlx::mysql::MySqlPoolOptions;
 use sqlx::MySqlPool;
 
+use crate::admin::assigned_partitions;
 use crate::helpers::{brokers, unique, OutsideLock, WorkerEnv, WorkerProcess};
 use crate::kafka_util::{committed, end_offset, header, produce, producer, read_all};
 use crate::pipeline::payload;
@@ -57,6 +58,24 @@ pub async fn start(env: &WorkerEnv) -> (WorkerProcess, MySqlPool) {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the worker did not migrate its database; log:\n{}",
+            worker.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until the instance holds partitions of the inbound and of the first delay
+/// topic: both of its members (see `consumer::member`) have joined. The second to join
+/// waits for the first's next heartbeat (up to 3 s), so a test that times delay records
+/// waits for this before it produces.
+pub async fn wait_until_both_members_joined(env: &WorkerEnv, worker: &WorkerProcess) {
+    let admin = worker.admin_address();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let holds = |topic: &str| assigned_partitions(&admin, topic).is_some_and(|n| n > 0.0);
+    while !(holds(&env.inbound) && holds(&env.first_delay_topic())) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker's members did not both join; log:\n{}",
             worker.log_text()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;

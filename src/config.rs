@@ -583,6 +583,12 @@ impl Settings {
             "invalid configuration: `retry.jitter` must be between 0 and 1"
         );
         anyhow::ensure!(
+            !self.kafka.librdkafka.contains_key("group.instance.id"),
+            "invalid configuration: `kafka.librdkafka.\"group.instance.id\"` is not supported: \
+             each instance joins the group as two members (inbound, delay topics), and one \
+             static id given to both would have the broker fence one of them"
+        );
+        anyhow::ensure!(
             self.kafka.topic_partitions >= 1 && self.kafka.topic_replication >= 1,
             "invalid configuration: `kafka.topic_partitions` and `kafka.topic_replication` must be at least 1"
         );
@@ -659,6 +665,18 @@ mod tests {
                 "{err:#}"
             );
         }
+    }
+
+    #[test]
+    fn a_static_group_instance_id_is_refused_naming_the_key() {
+        let err = load_with(
+            "[kafka.librdkafka]\n\"group.instance.id\" = \"worker-1\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("group.instance.id"), "{err:#}");
+        let other = "[kafka.librdkafka]\n\"fetch.min.bytes\" = \"7\"\n";
+        assert!(load_with(other, &[]).is_ok());
     }
 
     #[test]

@@ -137,7 +137,7 @@ async fn metrics_upkeep(handle: PrometheusHandle) {
 }
 
 /// What the instance's consumers subscribe to: the inbound topic, and the delay topics
-/// (when retries are on). Both are consumed in the one group, so delay records come back
+/// (configuration validation asks for at least one). Both are consumed in the one group, so delay records come back
 /// to the same processing step once due; as two members, so each kind is spread over
 /// the group (see `consumer::member`).
 pub fn consumer_subscriptions(settings: &Settings) -> Vec<Vec<String>> {

@@ -1,14 +1,15 @@
 //! What the poll loop does when `worker.max_in_flight` records are in flight.
 //!
-//! Guarantee: memory stays bounded, the member stays in the group, and nothing is
-//! skipped. A short wait (records finishing normally under a backlog) just waits for a
-//! slot: nothing is paused and no fetched data is thrown away. A wait longer than
-//! [`GRACE`] (e.g. the database is down and every record waits for it) pauses every
-//! partition and keeps calling `recv()`, so `max.poll.interval.ms` never evicts the
-//! member. Records delivered during the pause are dropped, and before resuming each
-//! partition is sought back to its first record not tracked (librdkafka resumes after
-//! the last record it delivered, so without the seek the dropped ones would be skipped);
-//! the pauses, seeks and resumes are `partitions`' own.
+//! Guarantee: memory stays bounded, the instance's members stay in the group, and
+//! nothing is skipped. A short wait (records finishing normally under a backlog) just
+//! waits for a slot: nothing is paused and no fetched data is thrown away. A wait longer
+//! than [`GRACE`] (e.g. the database is down and every record waits for it) pauses every
+//! partition of every member and keeps calling `recv()` on each, so
+//! `max.poll.interval.ms` never evicts one. Records delivered during the pause are
+//! dropped, and before resuming each partition is sought back to its first record not
+//! tracked (librdkafka resumes after the last record it delivered, so without the seek
+//! the dropped ones would be skipped); the pauses, seeks and resumes are each member's
+//! `partitions`' own.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -21,8 +22,7 @@ use rdkafka::Message;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Interval;
 
-use super::member::Member;
-use super::recv_any;
+use super::member::{recv_any, Member};
 use super::tracker::TopicPartition;
 use crate::health::Health;
 

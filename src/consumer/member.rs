@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::Context;
+use futures_util::future::select_all;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaResult;
 use rdkafka::message::BorrowedMessage;
@@ -40,7 +41,7 @@ impl Member {
         health: Arc<Health>,
     ) -> anyhow::Result<Self> {
         let partitions = Arc::new(Mutex::new(Partitions::default()));
-        let mut config = super::group_consumer_config(settings);
+        let mut config = group_consumer_config(settings);
         config.set("statistics.interval.ms", "5000");
         for (key, value) in &settings.kafka.librdkafka {
             config.set(key, value);
@@ -74,7 +75,40 @@ impl Member {
     }
 }
 
-/// Rebalance hooks: the revoke side of the partitions' state.
+/// The configured group's consumer settings, before the raw `kafka.librdkafka` map
+/// (which the caller applies last, so it wins): offsets stored by the application only
+/// after a record is durable, committed in the background, from the earliest record
+/// when the group has none, cooperative rebalancing.
+pub fn group_consumer_config(settings: &Settings) -> rdkafka::ClientConfig {
+    let mut config = settings.kafka.client_config();
+    config
+        .set("group.id", &settings.kafka.group_id)
+        .set("enable.auto.offset.store", "false")
+        .set("enable.auto.commit", "true")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "cooperative-sticky");
+    config
+}
+
+/// The next message of any member. Members are tried from a start that moves on with
+/// every call, so a member whose records are always ready (a backlog on the inbound
+/// topic) cannot keep another's (due delay records) waiting.
+pub async fn recv_any<'a>(
+    members: &'a [Arc<Member>],
+    turn: &mut usize,
+) -> (Arc<Member>, KafkaResult<BorrowedMessage<'a>>) {
+    *turn = turn.wrapping_add(1);
+    let first = *turn % members.len();
+    let receiving = members[first..]
+        .iter()
+        .chain(&members[..first])
+        .map(|member| Box::pin(member.recv()));
+    select_all(receiving).await.0
+}
+
+/// Rebalance hooks: the revoke side of the member's partitions' state, and the
+/// assignment it reports (the instance's partition count in `health`, the
+/// `im_ingest_assigned_partitions` gauge).
 pub struct WorkerContext {
     partitions: Arc<Mutex<Partitions>>,
     health: Arc<Health>,

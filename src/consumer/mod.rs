@@ -28,13 +28,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::future::select_all;
 use rdkafka::consumer::Consumer;
-use rdkafka::error::KafkaResult;
-use rdkafka::message::BorrowedMessage;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+pub use member::group_consumer_config;
 pub use topics::{ensure_topics, worker_topics};
 
 use crate::config::Settings;
@@ -42,7 +40,7 @@ use crate::health::Health;
 use crate::pipeline::{now_millis, Pipeline, Record};
 use commit::commit_at_shutdown;
 use dispatch::{Dispatcher, Work};
-use member::Member;
+use member::{recv_any, Member};
 use tracker::TopicPartition;
 
 /// Completes at `due` (epoch ms); never when there is nothing to wait for.
@@ -54,21 +52,6 @@ async fn sleep_until_epoch_ms(due: Option<i64>) {
         }
         None => std::future::pending().await,
     }
-}
-
-/// The configured group's consumer settings, before the raw `kafka.librdkafka` map
-/// (which the caller applies last, so it wins): offsets stored by the application only
-/// after a record is durable, committed in the background, from the earliest record
-/// when the group has none, cooperative rebalancing.
-pub fn group_consumer_config(settings: &Settings) -> rdkafka::ClientConfig {
-    let mut config = settings.kafka.client_config();
-    config
-        .set("group.id", &settings.kafka.group_id)
-        .set("enable.auto.offset.store", "false")
-        .set("enable.auto.commit", "true")
-        .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "cooperative-sticky");
-    config
 }
 
 /// Consumes in the configured group until `shutdown` completes: one member (consumer)
@@ -181,23 +164,9 @@ pub async fn run(
     }
     for member in &members {
         commit_at_shutdown(&member.consumer).await;
+    }
+    for member in &members {
         member.consumer.unsubscribe();
     }
     Ok(())
-}
-
-/// The next message of any member. Members are tried from a start that moves on with
-/// every call, so a member whose records are always ready (a backlog on the inbound
-/// topic) cannot keep another's (due delay records) waiting.
-async fn recv_any<'a>(
-    members: &'a [Arc<Member>],
-    turn: &mut usize,
-) -> (Arc<Member>, KafkaResult<BorrowedMessage<'a>>) {
-    *turn = turn.wrapping_add(1);
-    let first = *turn % members.len();
-    let receiving = members[first..]
-        .iter()
-        .chain(&members[..first])
-        .map(|member| Box::pin(member.recv()));
-    select_all(receiving).await.0
 }

@@ -50,8 +50,9 @@ impl Partitions {
 
     /// A record was received and is now in flight; returns its assignment generation.
     pub fn begin(&mut self, tp: &TopicPartition, offset: i64) -> u64 {
+        let before = self.counts();
         let generation = self.tracker.begin(tp, offset);
-        metrics::gauge!("im_ingest_in_flight").set(self.tracker.in_flight() as f64);
+        self.report(before);
         generation
     }
 
@@ -68,8 +69,9 @@ impl Partitions {
         offset: i64,
         generation: u64,
     ) {
+        let before = self.counts();
         let moved = self.tracker.complete(tp, offset, generation);
-        metrics::gauge!("im_ingest_in_flight").set(self.tracker.in_flight() as f64);
+        self.report(before);
         let Some(position) = moved else {
             return;
         };
@@ -101,12 +103,14 @@ impl Partitions {
 
     /// Forgets revoked partitions; returns how many records were in flight there.
     pub fn revoke(&mut self, tps: &[TopicPartition]) -> usize {
+        let before = self.counts();
         self.held.forget(tps);
         for tp in tps {
             self.seeks.remove(tp);
         }
-        metrics::gauge!("im_ingest_held_partitions").set(self.held.count() as f64);
-        self.tracker.revoke(tps)
+        let abandoned = self.tracker.revoke(tps);
+        self.report(before);
+        abandoned
     }
 
     /// Pauses `tp` until `due_at` because its head record (at `offset`) is not due yet.
@@ -122,8 +126,9 @@ impl Partitions {
             tracing::warn!(%error, topic = %tp.0, partition = tp.1, "pausing a delay partition failed");
         }
         tracing::debug!(topic = %tp.0, partition = tp.1, offset, wait_ms = due_at - now_millis(), "holding delay partition");
+        let before = self.counts();
         self.held.hold(tp, offset, due_at);
-        metrics::gauge!("im_ingest_held_partitions").set(self.held.count() as f64);
+        self.report(before);
     }
 
     /// The earliest due time of any held partition (epoch ms).
@@ -133,8 +138,9 @@ impl Partitions {
 
     /// Seeks every due held partition back to its head record and resumes it.
     pub fn release_due<C: ConsumerContext>(&mut self, consumer: &impl Consumer<C>) {
+        let before = self.counts();
         let due = self.held.take_due(now_millis());
-        metrics::gauge!("im_ingest_held_partitions").set(self.held.count() as f64);
+        self.report(before);
         for (tp, offset) in due {
             self.seek_and_resume(consumer, tp, Some(offset));
         }
@@ -215,6 +221,21 @@ impl Partitions {
         if let Err(error) = consumer.resume(&list_of([&tp])) {
             tracing::warn!(%error, topic = %tp.0, partition = tp.1, "resuming a partition failed");
         }
+    }
+
+    /// Records in flight and partitions held: what the instance-wide gauges count.
+    fn counts(&self) -> (usize, usize) {
+        (self.tracker.in_flight(), self.held.count())
+    }
+
+    /// Moves `im_ingest_in_flight` and `im_ingest_held_partitions` by what a change of
+    /// this member's state did since `before`: each member of the instance adds its own
+    /// difference, so the gauges show the sum over the members (setting them would show
+    /// whichever member changed last).
+    fn report(&self, before: (usize, usize)) {
+        let (in_flight, held) = self.counts();
+        metrics::gauge!("im_ingest_in_flight").increment(in_flight as f64 - before.0 as f64);
+        metrics::gauge!("im_ingest_held_partitions").increment(held as f64 - before.1 as f64);
     }
 }
 

@@ -112,6 +112,9 @@ async fn queued_records_of_a_revoked_partition_are_dropped_not_processed_by_the_
         .clone()
         .with_var("FAILPOINTS", "slow_db_write=return(10000)");
     let (a, pool) = start(&slow).await;
+    // A's own delay member joins up to 3 s after its inbound member: with `range`, that
+    // join revokes A's partitions too, so it must be over before the records come.
+    wait_until_both_members_joined(&slow, &a).await;
     let producer = producer();
     for partition in 0..2 {
         let user = unique(&format!("p{partition}"));

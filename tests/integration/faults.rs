@@ -332,7 +332,6 @@ async fn database_cut_for_ten_seconds_moves_no_offset_past_unstored_records_and_
             }
         }
     };
-    crate::worker::wait_until_both_members_joined(&env, &worker).await;
     push(0, 100).await;
     wait_until_all_committed(&env, &worker).await;
 

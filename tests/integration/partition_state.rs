@@ -10,8 +10,7 @@ use crate::helpers::{unique, OutsideLock, WorkerEnv, WorkerProcess};
 use crate::kafka_util::{committed, end_offset, produce, producer};
 use crate::pipeline::payload;
 use crate::worker::{
-    start, wait_for_count, wait_until_all_committed, wait_until_both_members_joined,
-    wait_until_topic_committed, WAIT,
+    start, wait_for_count, wait_until_all_committed, wait_until_topic_committed, WAIT,
 };
 
 #[tokio::test]
@@ -21,7 +20,6 @@ async fn a_failed_seek_back_keeps_the_delay_partition_paused_until_a_seek_succee
     // back to its head record when it falls due.
     let env = WorkerEnv::new(1).with_var("FAILPOINTS", "seek_fails=1*return");
     let (worker, pool) = start(&env).await;
-    wait_until_both_members_joined(&env, &worker).await;
     // One message first, so the worker owns the partition before the lock's TTL runs.
     let warm_up = payload(&unique("warm"), "warm-up");
     produce(&producer(), &env.inbound, Some(0), warm_up.as_bytes()).await;
@@ -112,9 +110,8 @@ async fn queued_records_of_a_revoked_partition_are_dropped_not_processed_by_the_
         .clone()
         .with_var("FAILPOINTS", "slow_db_write=return(10000)");
     let (a, pool) = start(&slow).await;
-    // A's own delay member joins up to 3 s after its inbound member: with `range`, that
-    // join revokes A's partitions too, so it must be over before the records come.
-    wait_until_both_members_joined(&slow, &a).await;
+    // (`start` waits for both of A's members: with `range`, the second one's join
+    // revokes A's partitions too, so it must be over before the records come.)
     let producer = producer();
     for partition in 0..2 {
         let user = unique(&format!("p{partition}"));

@@ -15,7 +15,7 @@ use crate::kafka_util::{committed, end_offset, header, produce, producer, read_a
 use crate::pipeline::payload;
 use crate::worker::{
     count, push_ten_messages_of_one_new_customer_twice, start, wait_for_count,
-    wait_until_all_committed, wait_until_both_members_joined, wait_until_topic_committed, WAIT,
+    wait_until_all_committed, wait_until_topic_committed, WAIT,
 };
 
 const DELAYS: [u64; 4] = [250, 1000, 4000, 16000];
@@ -212,7 +212,6 @@ async fn lock_held_forever_dead_letters_after_max_attempts_with_original_coordin
 async fn delay_partition_waits_for_its_head_record_while_another_delay_partition_flows() {
     let env = WorkerEnv::new(2);
     let (worker, pool) = start(&env).await;
-    wait_until_both_members_joined(&env, &worker).await;
     let topic = env.delay_topic(250);
     let head_due = now_millis() + 4_000;
     park(
@@ -285,7 +284,6 @@ async fn delay_partition_waits_for_its_head_record_while_another_delay_partition
 async fn parked_records_are_stored_once_after_the_worker_holding_them_is_killed() {
     let env = WorkerEnv::new(2);
     let (first, pool) = start(&env).await;
-    wait_until_both_members_joined(&env, &first).await;
     let topic = env.delay_topic(1000);
     let due = now_millis() + 3_000;
     for n in 0..6 {

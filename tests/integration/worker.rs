@@ -10,7 +10,7 @@ use rdkafka::Message;
 use sqlx::mysql::MySqlPoolOptions;
 use sqlx::MySqlPool;
 
-use crate::admin::assigned_partitions;
+use crate::admin::{assigned_partitions, get};
 use crate::helpers::{brokers, unique, OutsideLock, WorkerEnv, WorkerProcess};
 use crate::kafka_util::{committed, end_offset, header, produce, producer, read_all};
 use crate::pipeline::payload;
@@ -35,7 +35,8 @@ pub async fn create_topics(env: &WorkerEnv) {
         .unwrap();
 }
 
-/// Starts a worker and waits until its schema exists; returns a pool on its database.
+/// Starts a worker and waits until its schema exists and both its members have joined
+/// the group; returns a pool on its database.
 pub async fn start(env: &WorkerEnv) -> (WorkerProcess, MySqlPool) {
     create_topics(env).await;
     let worker = WorkerProcess::start(env);
@@ -52,6 +53,7 @@ pub async fn start(env: &WorkerEnv) -> (WorkerProcess, MySqlPool) {
                 .await
                 .is_ok()
             {
+                wait_until_both_members_joined(env, &worker).await;
                 return (worker, pool);
             }
         }
@@ -64,15 +66,27 @@ pub async fn start(env: &WorkerEnv) -> (WorkerProcess, MySqlPool) {
     }
 }
 
-/// Waits until the instance holds partitions of the inbound and of the first delay
-/// topic: both of its members (see `consumer::member`) have joined. The second to join
-/// waits for the first's next heartbeat (up to 3 s), so a test that times delay records
-/// waits for this before it produces.
+/// Waits until the instance holds partitions of the inbound topic and of a delay topic:
+/// both of its members (see `consumer::member`) have joined. The second to join waits
+/// for the first's next heartbeat (up to 3 s), and either may be first, so [`start`]
+/// waits for this: a test that times records sees both members at work.
 pub async fn wait_until_both_members_joined(env: &WorkerEnv, worker: &WorkerProcess) {
     let admin = worker.admin_address();
     let deadline = tokio::time::Instant::now() + WAIT;
-    let holds = |topic: &str| assigned_partitions(&admin, topic).is_some_and(|n| n > 0.0);
-    while !(holds(&env.inbound) && holds(&env.first_delay_topic())) {
+    let delay_series = format!(
+        "im_ingest_assigned_partitions{{topic=\"{}-",
+        env.retry_prefix
+    );
+    loop {
+        let (_, body) = get(&admin, "/metrics");
+        let inbound = assigned_partitions(&admin, &env.inbound).is_some_and(|n| n > 0.0);
+        let delays = body
+            .lines()
+            .filter(|l| l.starts_with(&delay_series))
+            .any(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) > Some(0.0));
+        if inbound && delays {
+            return;
+        }
         assert!(
             tokio::time::Instant::now() < deadline,
             "the worker's members did not both join; log:\n{}",

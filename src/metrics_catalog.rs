@@ -7,6 +7,7 @@ use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 
 use crate::message::INVALID_MESSAGE_FQCN;
 use crate::pipeline::{DATABASE_REJECTED_FQCN, LOCK_HELD_FQCN};
+use crate::retry::trust::DISTRUST_REASONS;
 
 /// Outcome labels of `im_ingest_records_total` (see `Outcome::label`).
 const OUTCOMES: [&str; 5] = [
@@ -143,6 +144,14 @@ pub fn register_all() {
         "im_ingest_consumer_lag",
         "Records behind the partition's end, per topic and partition (librdkafka statistics)"
     );
+    describe_counter!(
+        "im_ingest_retry_headers_distrusted_total",
+        "Retry headers ignored (not a delay topic), replaced (malformed, oversized) or bounded (due time, attempts), by reason"
+    );
+    for reason in DISTRUST_REASONS {
+        metrics::counter!("im_ingest_retry_headers_distrusted_total", "reason" => reason)
+            .increment(0);
+    }
     describe_gauge!(
         "im_ingest_assigned_partitions",
         "Partitions of each consumed topic this instance holds"

@@ -4,7 +4,10 @@
 //! with that record's offset; nothing of it is processed or tracked while it is held
 //! (records still arriving from it are dropped: they will be fetched again), so its
 //! stored offset cannot pass the head record. When the due time comes the partition is
-//! sought back to the head record and resumed — never skipped, never busy-polled.
+//! sought back to the head record and resumed — never skipped, never busy-polled. A
+//! record is held at most once: read again after its release, it is processed whatever
+//! its due time now says (a due time bounded from the moment of reading, see
+//! `retry::trust`, would otherwise lie ahead again on every read).
 
 use std::collections::HashMap;
 
@@ -19,6 +22,8 @@ struct Held {
 #[derive(Debug, Default)]
 pub struct HeldPartitions {
     held: HashMap<TopicPartition, Held>,
+    /// The head record each partition was last released for.
+    released: HashMap<TopicPartition, i64>,
 }
 
 impl HeldPartitions {
@@ -45,15 +50,26 @@ impl HeldPartitions {
             .filter(|(_, h)| h.due_at <= now)
             .map(|(tp, _)| tp.clone())
             .collect();
-        due.into_iter()
+        let due: Vec<(TopicPartition, i64)> = due
+            .into_iter()
             .filter_map(|tp| self.held.remove(&tp).map(|h| (tp, h.offset)))
-            .collect()
+            .collect();
+        for (tp, offset) in &due {
+            self.released.insert(tp.clone(), *offset);
+        }
+        due
+    }
+
+    /// Whether `tp` was already held for the record at `offset`, and released.
+    pub fn was_released(&self, tp: &TopicPartition, offset: i64) -> bool {
+        self.released.get(tp) == Some(&offset)
     }
 
     /// Forgets revoked partitions: their next owner finds the head record again.
     pub fn forget(&mut self, tps: &[TopicPartition]) {
         for tp in tps {
             self.held.remove(tp);
+            self.released.remove(tp);
         }
     }
 
@@ -82,6 +98,18 @@ mod tests {
         assert!(!held.is_held(&tp(0)));
         assert!(held.is_held(&tp(1)));
         assert_eq!(held.next_due(), Some(2_000));
+    }
+
+    #[test]
+    fn a_released_head_record_is_known_as_released_until_the_partition_is_revoked() {
+        let mut held = HeldPartitions::default();
+        held.hold(tp(0), 10, 1_000);
+        assert!(!held.was_released(&tp(0), 10));
+        held.take_due(1_000);
+        assert!(held.was_released(&tp(0), 10));
+        assert!(!held.was_released(&tp(0), 11), "only that record");
+        held.forget(&[tp(0)]);
+        assert!(!held.was_released(&tp(0), 10));
     }
 
     #[test]

@@ -128,7 +128,8 @@ pub async fn run(
             continue;
         }
         let job = pipeline.prepare(record);
-        if let Some(due_at) = job.due_at.filter(|due| *due > now_millis()) {
+        let held_before = member.partitions().was_released(&tp, job.record.offset);
+        if let Some(due_at) = job.due_at.filter(|due| *due > now_millis() && !held_before) {
             member
                 .partitions()
                 .hold(&member.consumer, tp, job.record.offset, due_at);

@@ -131,6 +131,12 @@ impl Partitions {
         self.report(before);
     }
 
+    /// Whether the head record at `offset` of `tp` was already held and released: it is
+    /// not held again (see `hold`).
+    pub fn was_released(&self, tp: &TopicPartition, offset: i64) -> bool {
+        self.held.was_released(tp, offset)
+    }
+
     /// The earliest due time of any held partition (epoch ms).
     pub fn next_due(&self) -> Option<i64> {
         self.held.next_due()

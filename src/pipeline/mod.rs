@@ -43,6 +43,7 @@ use crate::lock::LockClient;
 use crate::message::UserKey;
 use crate::retry::policy::RetryPolicy;
 use crate::retry::publish::Publisher;
+use crate::retry::trust::RetryTrust;
 use batch::Stages;
 use stage::{StageHandle, UnitReply};
 
@@ -98,6 +99,8 @@ pub struct Pipeline {
     pub pool: MySqlPool,
     consumer_group: String,
     max_message_bytes: usize,
+    /// What the retry headers of consumed records are believed.
+    retry_trust: Arc<RetryTrust>,
     stages: Arc<Stages>,
     limits: BatchLimits,
     /// Where user batches are handed in; the stage runs while a handle lives.
@@ -117,6 +120,7 @@ impl Pipeline {
         max_message_bytes: usize,
         redis_probe_interval: Duration,
     ) -> Self {
+        let retry_trust = Arc::new(RetryTrust::new(&policy, &retry_topic_prefix));
         let stages = Arc::new(Stages {
             pool: pool.clone(),
             locks,
@@ -134,6 +138,7 @@ impl Pipeline {
             pool,
             consumer_group,
             max_message_bytes,
+            retry_trust,
             stages,
             limits,
         }
@@ -160,7 +165,12 @@ impl Pipeline {
     }
 
     pub fn prepare(&self, record: Record) -> Job {
-        Job::prepare(record, self.max_message_bytes, &self.consumer_group)
+        Job::prepare(
+            record,
+            self.max_message_bytes,
+            &self.consumer_group,
+            &self.retry_trust,
+        )
     }
 
     /// Processes a batch: users concurrently, each user's records in batch order as one

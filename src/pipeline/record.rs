@@ -2,14 +2,16 @@
 //! I/O: its decoded content and its retry state.
 //!
 //! Guarantee: preparing a record never fails and never loses it: whatever is wrong with
-//! it becomes a reason to dead-letter, carried with the record.
+//! its value becomes a reason to dead-letter, carried with the record; its retry headers
+//! count only as far as `retry::trust` believes them, never as a reason to dead-letter.
 
 use rdkafka::message::{Headers, Message, OwnedHeaders};
 
 use super::contention::holder_in;
 use super::LOCK_HELD_FQCN;
 use crate::message::{decode, ChatMessage, Inbound, InvalidMessage, UserKey};
-use crate::retry::headers::{Origin, RetryHeaders};
+use crate::retry::headers::Origin;
+use crate::retry::trust::RetryTrust;
 
 /// One consumed record, detached from the consumer so it can outlive the poll.
 #[derive(Debug, Clone)]
@@ -61,9 +63,14 @@ pub struct Job {
 }
 
 impl Job {
-    /// Decodes the value and reads the retry headers. Malformed retry headers make the
-    /// record invalid (it is dead-lettered, never retried).
-    pub fn prepare(record: Record, max_bytes: usize, consumer_group: &str) -> Self {
+    /// Decodes the value and reads the retry state, as far as `trust` believes the
+    /// retry headers (only on the worker's delay topics, bounded there).
+    pub fn prepare(
+        record: Record,
+        max_bytes: usize,
+        consumer_group: &str,
+        trust: &RetryTrust,
+    ) -> Self {
         let own_origin = Origin {
             topic: record.topic.clone(),
             partition: record.partition,
@@ -71,33 +78,29 @@ impl Job {
             timestamp: record.timestamp.unwrap_or_else(now_millis),
             consumer_group: consumer_group.to_string(),
         };
-        let retry = match &record.headers {
-            Some(headers) if headers.count() > 0 => RetryHeaders::from_headers(headers),
-            _ => Ok(None),
-        };
+        let retry = trust.read(
+            &record.topic,
+            record.headers.as_ref(),
+            &own_origin,
+            now_millis(),
+        );
         let previous_holder = match &retry {
-            Ok(Some(h)) if h.exception_fqcn == LOCK_HELD_FQCN => {
+            Some(h) if h.exception_fqcn == LOCK_HELD_FQCN => {
                 holder_in(&h.exception_message).map(str::to_string)
             }
             _ => None,
         };
-        let (origin, attempts, due_at, header_error) = match retry {
-            Ok(Some(h)) => (
+        let (origin, attempts, due_at) = match retry {
+            Some(h) => (
                 h.origin,
                 u32::try_from(h.attempts.max(1)).unwrap_or(u32::MAX),
                 Some(h.backoff_timestamp),
-                None,
             ),
-            Ok(None) => (own_origin, 1, None, None),
-            Err(reason) => (own_origin, 1, None, Some(reason)),
-        };
-        let content = match header_error {
-            Some(reason) => Err(InvalidMessage(format!("malformed retry headers: {reason}"))),
-            None => decode(record.value.as_deref(), max_bytes),
+            None => (own_origin, 1, None),
         };
         Self {
+            content: decode(record.value.as_deref(), max_bytes),
             record,
-            content,
             origin,
             attempts,
             due_at,

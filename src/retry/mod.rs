@@ -7,3 +7,4 @@
 pub mod headers;
 pub mod policy;
 pub mod publish;
+pub mod trust;

@@ -21,6 +21,7 @@ mod lock;
 mod partition_state;
 mod pipeline;
 mod retries;
+mod retry_headers;
 mod schema;
 mod stack_script;
 mod store_write;

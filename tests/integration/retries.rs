@@ -212,7 +212,8 @@ async fn lock_held_forever_dead_letters_after_max_attempts_with_original_coordin
 async fn delay_partition_waits_for_its_head_record_while_another_delay_partition_flows() {
     let env = WorkerEnv::new(2);
     let (worker, pool) = start(&env).await;
-    let topic = env.delay_topic(250);
+    // The 4 s topic: a due time 4 s ahead is within what its delay allows.
+    let topic = env.delay_topic(4000);
     let head_due = now_millis() + 4_000;
     park(
         &topic,
@@ -284,7 +285,8 @@ async fn delay_partition_waits_for_its_head_record_while_another_delay_partition
 async fn parked_records_are_stored_once_after_the_worker_holding_them_is_killed() {
     let env = WorkerEnv::new(2);
     let (first, pool) = start(&env).await;
-    let topic = env.delay_topic(1000);
+    // The 4 s topic: a due time 3 s ahead is within what its delay allows.
+    let topic = env.delay_topic(4000);
     let due = now_millis() + 3_000;
     for n in 0..6 {
         park(

@@ -2,8 +2,11 @@
 //!
 //! Guarantee: every answer is bounded in time (each dependency check has its own
 //! timeout), so a hung dependency makes the worker unready, never the admin server
-//! hung. `/healthz` says whether the consumer loop turns; `/readyz` whether Kafka, MySQL
-//! and Redis answer and partitions are assigned, naming what fails (Redis only when `lock.mode` uses it).
+//! hung. `/healthz` says whether the consumer loop turns; `/readyz` whether the worker
+//! can store: Kafka and MySQL answer and partitions are assigned, naming what fails.
+//! Redis is reported, not required: without it the worker stores correctly in degraded
+//! mode (a rollout must not stall on a Redis outage), so the body says whether Redis
+//! answers and whether the worker is degraded. Checks reuse their connections.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,11 +20,13 @@ use axum::routing::get;
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use redis::aio::MultiplexedConnection;
 use serde_json::json;
 use sqlx::MySqlPool;
 
 use crate::config::{LockMode, Settings};
 use crate::health::Health;
+use crate::pipeline::{Pipeline, RedisHealth};
 
 /// How long one dependency check may take before it counts as failed.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -33,7 +38,8 @@ struct AdminState {
     health: Arc<Health>,
     pool: MySqlPool,
     /// `None` with `lock.mode = none`: the worker does not use Redis then.
-    redis: Option<redis::Client>,
+    redis: Option<Arc<RedisCheck>>,
+    redis_health: Arc<RedisHealth>,
     kafka: Arc<BaseConsumer>,
     metrics: PrometheusHandle,
 }
@@ -43,7 +49,7 @@ struct AdminState {
 pub async fn serve(
     settings: &Settings,
     health: Arc<Health>,
-    pool: MySqlPool,
+    pipeline: &Pipeline,
     metrics: PrometheusHandle,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let kafka: BaseConsumer = settings
@@ -52,16 +58,18 @@ pub async fn serve(
         .create()
         .context("creating the Kafka client for readiness checks")?;
     let redis = match settings.lock.mode {
-        LockMode::Redis => Some(
-            redis::Client::open(settings.redis.url.expose())
+        LockMode::Redis => Some(Arc::new(RedisCheck {
+            client: redis::Client::open(settings.redis.url.expose())
                 .with_context(|| format!("invalid Redis URL {}", settings.redis.url))?,
-        ),
+            connection: tokio::sync::Mutex::new(None),
+        })),
         LockMode::None => None,
     };
     let state = AdminState {
         health,
-        pool,
+        pool: pipeline.pool.clone(),
         redis,
+        redis_health: pipeline.redis_health(),
         kafka: Arc::new(kafka),
         metrics,
     };
@@ -103,7 +111,7 @@ async fn readyz(State(state): State<AdminState>) -> Response {
     let (kafka, mysql, redis) = tokio::join!(
         check_kafka(state.kafka.clone()),
         check_mysql(&state.pool),
-        check_redis(state.redis.as_ref())
+        check_redis(state.redis.as_deref())
     );
     let partitions = state.health.assigned_partitions();
     let assigned = if partitions > 0 {
@@ -111,7 +119,7 @@ async fn readyz(State(state): State<AdminState>) -> Response {
     } else {
         Err("no partitions assigned".to_string())
     };
-    let ready = kafka.is_ok() && mysql.is_ok() && redis.is_ok() && assigned.is_ok();
+    let ready = kafka.is_ok() && mysql.is_ok() && assigned.is_ok();
     let show = |r: &Result<(), String>| match r {
         Ok(()) => "ok".to_string(),
         Err(e) => e.clone(),
@@ -125,6 +133,7 @@ async fn readyz(State(state): State<AdminState>) -> Response {
         "kafka": show(&kafka),
         "mysql": show(&mysql),
         "redis": redis_state,
+        "degraded": state.redis_health.is_degraded(),
         "partitions": partitions,
         "assignment": show(&assigned),
     });
@@ -164,15 +173,29 @@ async fn check_mysql(pool: &MySqlPool) -> Result<(), String> {
     }
 }
 
-async fn check_redis(client: Option<&redis::Client>) -> Result<(), String> {
-    let Some(client) = client else {
+/// Redis for readiness reports: one connection, opened on first use and again after
+/// it failed (not one per check).
+struct RedisCheck {
+    client: redis::Client,
+    connection: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+}
+
+async fn check_redis(check: Option<&RedisCheck>) -> Result<(), String> {
+    let Some(check) = check else {
         return Ok(());
     };
     let ping = async {
-        let mut connection = client.get_multiplexed_async_connection().await?;
-        redis::cmd("PING")
+        let mut slot = check.connection.lock().await;
+        let mut connection = match slot.take() {
+            Some(connection) => connection,
+            None => check.client.get_multiplexed_async_connection().await?,
+        };
+        let answer = redis::cmd("PING")
             .query_async::<String>(&mut connection)
-            .await
+            .await?;
+        // Kept only after it answered: a failed one is opened anew next time.
+        *slot = Some(connection);
+        Ok::<_, redis::RedisError>(answer)
     };
     match tokio::time::timeout(CHECK_TIMEOUT, ping).await {
         Ok(Ok(_)) => Ok(()),

@@ -107,7 +107,7 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> any
     let pipeline = build_pipeline(settings).await?;
     let health = Arc::new(Health::default());
     let upkeep = tokio::spawn(metrics_upkeep(metrics.clone()));
-    let (_, admin) = admin::serve(settings, health.clone(), pipeline.pool.clone(), metrics).await?;
+    let (_, admin) = admin::serve(settings, health.clone(), &pipeline, metrics).await?;
     let result = consumer::run(
         settings,
         &consumer_subscriptions(settings),

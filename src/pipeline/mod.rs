@@ -144,6 +144,11 @@ impl Pipeline {
         }
     }
 
+    /// Whether the worker runs without the Redis lock now (degraded mode), for reports.
+    pub fn redis_health(&self) -> Arc<RedisHealth> {
+        self.stages.redis_health.clone()
+    }
+
     /// Switches the user lock on or off (`lock.mode`; on by default).
     pub fn with_lock_mode(mut self, mode: LockMode) -> Self {
         let mut stages = (*self.stages).clone();

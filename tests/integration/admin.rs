@@ -49,7 +49,8 @@ async fn wait_for_status(address: &str, path: &str, status: u16, what: &str) -> 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn readyz_turns_unready_when_redis_or_the_database_goes_away_and_ready_when_back() {
+async fn readyz_stays_ready_through_a_redis_outage_saying_degraded_and_turns_unready_without_the_database(
+) {
     let mut redis = PrivateRedis::start();
     let server = url::Url::parse(&mysql_server_url()).unwrap();
     let proxy = DbProxy::start(format!(
@@ -71,11 +72,34 @@ async fn readyz_turns_unready_when_redis_or_the_database_goes_away_and_ready_whe
     wait_for_status(&admin, "/readyz", 200, "with every dependency up").await;
 
     redis.kill();
-    let body = wait_for_status(&admin, "/readyz", 503, "Redis stopped").await;
-    assert!(body.contains("\"redis\":\"down"), "{body}");
-    assert!(body.contains("\"mysql\":\"ok\""), "{body}");
+    // A record meets the missing Redis: degraded mode, and the worker still stores.
+    let message = payload(&unique("r"), "during-redis-outage");
+    produce(&producer(), &env.inbound, Some(0), message.as_bytes()).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = get(&admin, "/readyz");
+        assert_eq!(status, 200, "unready while only Redis is down: {body}");
+        if body.contains("\"degraded\":true") {
+            assert!(body.contains("\"redis\":\"down"), "{body}");
+            assert!(body.contains("\"mysql\":\"ok\""), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never reported degraded: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    crate::worker::wait_for_count(
+        &pool,
+        "SELECT COUNT(*) FROM message WHERE external_message_id = 'during-redis-outage'",
+        1,
+        &worker,
+    )
+    .await;
     redis.restart();
-    wait_for_status(&admin, "/readyz", 200, "Redis back").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !get(&admin, "/readyz").1.contains("\"redis\":\"ok\"") {
+        assert!(Instant::now() < deadline, "Redis never reported back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     proxy.cut();
     let body = wait_for_status(&admin, "/readyz", 503, "database cut").await;

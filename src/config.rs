@@ -540,6 +540,18 @@ impl Settings {
             self.worker.max_in_flight > 0,
             "invalid configuration: `worker.max_in_flight` must be at least 1"
         );
+        anyhow::ensure!(
+            self.worker.db_retry_initial_ms >= 1,
+            "invalid configuration: `worker.db_retry_initial_ms` must be at least 1 \
+             (0 would retry a failing write in a busy loop)"
+        );
+        anyhow::ensure!(
+            self.worker.db_retry_max_ms >= self.worker.db_retry_initial_ms,
+            "invalid configuration: `worker.db_retry_max_ms` ({}) must not be below \
+             `worker.db_retry_initial_ms` ({})",
+            self.worker.db_retry_max_ms,
+            self.worker.db_retry_initial_ms
+        );
         for (key, value) in [
             ("batch_concurrency", self.worker.batch_concurrency),
             ("batch_max_records", self.worker.batch_max_records),
@@ -643,7 +655,7 @@ mod tests {
     }
 
     #[test]
-    fn batch_knobs_have_their_defaults_and_an_out_of_range_value_names_the_key() {
+    fn worker_knobs_have_their_defaults_and_an_out_of_range_value_names_the_key() {
         let s = load_with("", &[]).unwrap();
         let w = &s.worker;
         assert_eq!(
@@ -657,6 +669,8 @@ mod tests {
             ("batch_max_bytes", "0"),
             ("batch_linger_ms", "1001"),
             ("write_stall_ms", "49"),
+            ("db_retry_initial_ms", "0"),
+            ("db_retry_max_ms", "50"),
         ] {
             let env = format!("WORKER__{}", key.to_uppercase());
             let err = load_with("", &[(env.as_str(), value)]).unwrap_err();

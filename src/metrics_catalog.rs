@@ -19,7 +19,11 @@ const OUTCOMES: [&str; 5] = [
 ];
 
 /// Counters without labels: (name, help).
-const COUNTERS: [(&str, &str); 11] = [
+const COUNTERS: [(&str, &str); 12] = [
+    (
+        "im_ingest_offset_resets_total",
+        "Committed offsets the broker no longer had (records removed before they were read)",
+    ),
     ("im_ingest_lock_acquisitions_total", "Per-user locks taken"),
     (
         "im_ingest_lock_conflicts_total",

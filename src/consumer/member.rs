@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::Context;
 use futures_util::future::select_all;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaResult;
 use rdkafka::message::BorrowedMessage;
@@ -117,6 +118,38 @@ pub struct WorkerContext {
 }
 
 impl ClientContext for WorkerContext {
+    /// librdkafka's log lines, as its default does, except one: a committed offset the
+    /// broker no longer has (retention or deletion removed records the group had not
+    /// read) makes librdkafka reset to the earliest record and only warn, which loses
+    /// those records silently. That one is an ERROR and counted
+    /// (`im_ingest_offset_resets_total`).
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        if is_offset_out_of_range_reset(facility, message) {
+            metrics::counter!("im_ingest_offset_resets_total").increment(1);
+            tracing::error!(target: "librdkafka", librdkafka = message,
+                "the group's committed offset is no longer on the broker (retention or deletion): \
+                 consumption restarts at the earliest record; the records in between were never read");
+            return;
+        }
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                tracing::error!(target: "librdkafka", "librdkafka: {facility} {message}")
+            }
+            RDKafkaLogLevel::Warning => {
+                tracing::warn!(target: "librdkafka", "librdkafka: {facility} {message}")
+            }
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", "librdkafka: {facility} {message}")
+            }
+            RDKafkaLogLevel::Debug => {
+                tracing::debug!(target: "librdkafka", "librdkafka: {facility} {message}")
+            }
+        }
+    }
+
     /// librdkafka statistics (every `statistics.interval.ms`): consumer lag per partition.
     fn stats(&self, statistics: rdkafka::Statistics) {
         for (topic, stats) in &statistics.topics {
@@ -191,9 +224,36 @@ fn report_assignment<C: ConsumerContext>(
     }
 }
 
+/// Whether a librdkafka log line reports an automatic offset reset because the fetch
+/// offset is out of range: facility `OFFSET`, a message like `topic [0]: offset reset
+/// (at offset 3, broker 1) to BEGINNING: fetch failed due to requested offset not
+/// available on the broker: Broker: Offset out of range`.
+fn is_offset_out_of_range_reset(facility: &str, message: &str) -> bool {
+    facility == "OFFSET"
+        && message.contains("offset reset")
+        && message.contains("Offset out of range")
+}
+
 fn partitions_of(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
     tpl.elements()
         .iter()
         .map(|e| (e.topic().to_string(), e.partition()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_out_of_range_offset_reset_is_taken_for_one() {
+        let reset = "in [0]: offset reset (at offset 3, broker 1) to BEGINNING: fetch failed \
+                     due to requested offset not available on the broker: Broker: Offset out of range";
+        assert!(is_offset_out_of_range_reset("OFFSET", reset));
+        assert!(!is_offset_out_of_range_reset("FETCH", reset));
+        assert!(!is_offset_out_of_range_reset(
+            "OFFSET",
+            "in [0]: offset reset (at offset INVALID) to BEGINNING: no previously committed offset"
+        ));
+    }
 }

@@ -460,3 +460,68 @@ async fn a_backlog_ten_times_the_in_flight_limit_drains_without_pausing_partitio
     pool.close().await;
     env.drop_database().await;
 }
+
+#[tokio::test]
+async fn a_committed_offset_deleted_by_retention_is_reported_as_an_error_and_counted() {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+
+    let env = WorkerEnv::new(1);
+    create_topics(&env).await;
+    let producer = producer();
+    for n in 0..10 {
+        let value = payload(&unique("r"), &format!("retention-{n}"));
+        produce(&producer, &env.inbound, Some(0), value.as_bytes()).await;
+    }
+    // The group has read up to offset 3; then retention removes everything before 6.
+    let group_member: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", &env.group)
+        .create()
+        .unwrap();
+    let mut position = TopicPartitionList::new();
+    position
+        .add_partition_offset(&env.inbound, 0, Offset::Offset(3))
+        .unwrap();
+    group_member
+        .commit(&position, CommitMode::Sync)
+        .expect("committing the group's position");
+    drop(group_member);
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let mut before = TopicPartitionList::new();
+    before
+        .add_partition_offset(&env.inbound, 0, Offset::Offset(6))
+        .unwrap();
+    admin
+        .delete_records(&before, &AdminOptions::new())
+        .await
+        .expect("deleting records");
+
+    let (worker, pool) = start(&env).await;
+    wait_for_count(&pool, "SELECT COUNT(*) FROM message", 4, &worker).await;
+    let admin_address = worker.admin_address();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, body) = crate::admin::get(&admin_address, "/metrics");
+        if crate::admin::metric(&body, "im_ingest_offset_resets_total") == Some(1.0) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the reset was not counted: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = worker.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("committed offset is no longer on the broker"))
+        .unwrap_or_else(|| panic!("the reset was not logged:\n{log}"));
+    assert!(line.contains("ERROR"), "{line}");
+    drop(worker);
+    pool.close().await;
+    env.drop_database().await;
+}

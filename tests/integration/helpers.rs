@@ -153,6 +153,14 @@ impl WorkerProcess {
         }
     }
 
+    /// Sends `signal` (e.g. `-TERM`) to the process.
+    #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+    pub fn signal(&self, signal: &str) {
+        let _ = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status();
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -23,6 +23,8 @@ mod pipeline;
 mod retries;
 mod retry_headers;
 mod schema;
+#[cfg(feature = "failpoints")]
+mod shutdown;
 mod stack_script;
 mod store_write;
 mod worker;

@@ -176,9 +176,9 @@ async fn correctness_check_reports_each_seeded_fault_exactly() {
         .await
         .unwrap();
     sqlx::query(
-        "INSERT INTO customer (tenant_id, platform, external_user_id, nickname, avatar, profile_at, \
-         profile_message_id) SELECT tenant_id, platform, external_user_id, nickname, avatar, \
-         profile_at, profile_message_id FROM customer WHERE external_user_id = ?",
+        "INSERT INTO customer (tenant_id, platform, external_user_id, nickname, avatar) \
+         SELECT tenant_id, platform, external_user_id, nickname, avatar \
+         FROM customer WHERE external_user_id = ?",
     )
     .bind(&sent[3].user_id)
     .execute(&pool)

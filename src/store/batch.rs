@@ -2,10 +2,10 @@
 //! batch (DESIGN.md, "Defence in depth", layer 2, in bulk).
 //!
 //! Guarantee: the same rows and the same convergence as [`super::write_message`]
-//! applied to each message in turn — one customer per natural key with the newest
-//! profile, one session per (customer, agent) with the latest `last_message_at`, one
-//! message row per message id — in one transaction of a fixed number of statements,
-//! whatever the batch holds. Customers and sessions are multi-row upserts and messages a
+//! applied to each message in turn — one customer per natural key with each profile
+//! field from its newest carrier, one session per (customer, agent) with the latest
+//! `last_message_at`, one message row per message id — in one transaction of a fixed
+//! number of statements, whatever the batch holds. Customers and sessions are multi-row upserts and messages a
 //! multi-row `INSERT IGNORE`, rows sorted by natural key so that concurrent batches take
 //! row locks in the same order. Which messages are new is told by natural key: a read of
 //! the batch's message ids before the insert; the first copy of a message id that was
@@ -21,6 +21,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use sqlx::{MySql, MySqlConnection, QueryBuilder};
 
+use super::profile::{self, CUSTOMER_COLUMNS, CUSTOMER_ON_DUPLICATE};
 use super::write::{Provenance, WriteOutcome};
 use crate::message::ChatMessage;
 
@@ -138,41 +139,42 @@ fn scope(message: &ChatMessage) -> Scope {
     (message.tenant_id.clone(), message.platform.clone())
 }
 
-/// Get-or-create every customer of the batch, each with the profile of its newest
-/// message that carries one (the upsert's newest-wins rule, as in `write`, decides
+/// Get-or-create every customer of the batch, each profile field from its newest
+/// message that carries it (the upsert's newest-wins rule, as in `write`, decides
 /// against the stored one); returns their ids by natural key.
 async fn upsert_customers(
     connection: &mut MySqlConnection,
     items: &[BatchItem<'_>],
 ) -> Result<HashMap<(Scope, String), i64>, sqlx::Error> {
-    let mut customers: BTreeMap<(Scope, String), &ChatMessage> = BTreeMap::new();
-    for (message, _) in items {
-        let slot = customers
-            .entry((scope(message), message.from_user_id.clone()))
-            .or_insert(message);
-        if profile_marker(message) > profile_marker(slot) {
-            *slot = message;
-        }
-    }
-    let mut insert = QueryBuilder::<MySql>::new(
-        "INSERT INTO customer (tenant_id, platform, external_user_id, nickname, avatar, \
-         profile_at, profile_message_id) ",
+    type Fields<'m> = (
+        &'m ChatMessage,
+        Option<profile::Marked<'m>>,
+        Option<profile::Marked<'m>>,
     );
-    insert.push_values(customers.values(), |mut row, message| {
-        let profile = message.profile.as_ref();
-        let (profile_at, profile_message_id) = match profile {
-            Some(_) => (Some(message.sent_at), Some(message.message_id.as_str())),
-            None => (None, None),
-        };
-        row.push_bind(&message.tenant_id)
-            .push_bind(&message.platform)
-            .push_bind(&message.from_user_id)
-            .push_bind(profile.and_then(|p| p.nickname.as_deref()))
-            .push_bind(profile.and_then(|p| p.avatar.as_deref()))
-            .push_bind(profile_at)
-            .push_bind(profile_message_id);
-    });
-    insert.push(super::write::CUSTOMER_ON_DUPLICATE);
+    let mut customers: BTreeMap<(Scope, String), Fields<'_>> = BTreeMap::new();
+    for (message, _) in items {
+        let (_, nickname, avatar) = customers
+            .entry((scope(message), message.from_user_id.clone()))
+            .or_insert((message, None, None));
+        *nickname = profile::newest(*nickname, profile::nickname(message));
+        *avatar = profile::newest(*avatar, profile::avatar(message));
+    }
+    let mut insert = QueryBuilder::<MySql>::new(CUSTOMER_COLUMNS);
+    insert.push_values(
+        customers.values(),
+        |mut row, (message, nickname, avatar)| {
+            row.push_bind(&message.tenant_id)
+                .push_bind(&message.platform)
+                .push_bind(&message.from_user_id)
+                .push_bind(nickname.map(|f| f.value))
+                .push_bind(nickname.map(|f| f.at))
+                .push_bind(nickname.map(|f| f.message_id))
+                .push_bind(avatar.map(|f| f.value))
+                .push_bind(avatar.map(|f| f.at))
+                .push_bind(avatar.map(|f| f.message_id));
+        },
+    );
+    insert.push(CUSTOMER_ON_DUPLICATE);
     if let Some(id) = upsert(connection, insert, customers.len()).await? {
         let key = customers.into_keys().next().expect("one customer");
         return Ok(HashMap::from([(key, id)]));
@@ -216,14 +218,6 @@ async fn upsert(
     }
     let result = insert.build().execute(connection).await?;
     Ok((rows == 1).then(|| result.last_insert_id() as i64))
-}
-
-/// The newest-wins order of profiles: a message without one never wins.
-fn profile_marker(message: &ChatMessage) -> Option<(i64, &str)> {
-    message
-        .profile
-        .as_ref()
-        .map(|_| (message.sent_at, message.message_id.as_str()))
 }
 
 /// Get-or-create every session of the batch with its latest message time; returns their

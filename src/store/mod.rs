@@ -9,6 +9,7 @@
 mod batch;
 mod bounded;
 mod migrate;
+mod profile;
 mod write;
 
 pub(crate) use batch::write_unchecked;

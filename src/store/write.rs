@@ -5,7 +5,7 @@
 //! message is inserted with `INSERT IGNORE`; the unique indexes make any number of
 //! concurrent or repeated writes of the same message leave exactly one row of each,
 //! with or without the Redis lock. Mutable fields converge whatever the order of
-//! application: the profile is newest-wins by (timestamp, message id) and
+//! application: each profile field is newest-wins by (timestamp, message id) and
 //! `last_message_at` only moves forward (`GREATEST`). Deadlocks and lock-wait timeouts
 //! are retried in place.
 
@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use sqlx::{MySql, MySqlPool, Transaction};
 
+use super::profile::{self, CUSTOMER_COLUMNS, CUSTOMER_ON_DUPLICATE};
 use crate::message::ChatMessage;
 
 /// Where the record that carried a message came from (stored on the message row).
@@ -115,66 +116,32 @@ async fn try_write_message(
     })
 }
 
-/// Whether the row being upserted carries a newer profile than the stored one (a
-/// macro, so that `concat!` can build the statement at compile time).
-macro_rules! newer {
-    () => {
-        "(VALUES(profile_at) IS NOT NULL AND (profile_at IS NULL \
-         OR (VALUES(profile_at), VALUES(profile_message_id)) > (profile_at, profile_message_id)))"
-    };
-}
-
-/// The customer upsert's convergent update: the profile is newest-wins.
-///
-/// Assignments run left to right, so the comparison must see the old marker: nickname
-/// and avatar first, then `profile_message_id`, then `profile_at`. After the id is
-/// replaced, the comparison for `profile_at` can only differ when both timestamps are
-/// equal — and then `profile_at` keeps the same value either way.
-pub(super) const CUSTOMER_ON_DUPLICATE: &str = concat!(
-    " ON DUPLICATE KEY UPDATE nickname = IF(",
-    newer!(),
-    ", COALESCE(VALUES(nickname), nickname), nickname), avatar = IF(",
-    newer!(),
-    ", COALESCE(VALUES(avatar), avatar), avatar), profile_message_id = IF(",
-    newer!(),
-    ", VALUES(profile_message_id), profile_message_id), profile_at = IF(",
-    newer!(),
-    ", VALUES(profile_at), profile_at)"
-);
-
 /// The session upsert's convergent update: `last_message_at` only moves forward.
 pub(super) const SESSION_ON_DUPLICATE: &str = " ON DUPLICATE KEY UPDATE \
      last_message_at = GREATEST(COALESCE(last_message_at, VALUES(last_message_at)), \
                                 VALUES(last_message_at))";
 
-/// Get-or-create the customer; returns its id. The profile columns change only when
-/// this message's (timestamp, message id) is newer than the one that set them.
+/// Get-or-create the customer; returns its id. Each profile field changes only when
+/// this message carries it and is newer than the message that set it (see `profile`).
 async fn upsert_customer(
     tx: &mut Transaction<'_, MySql>,
     message: &ChatMessage,
 ) -> Result<u64, sqlx::Error> {
-    let profile = message.profile.as_ref();
-    let (nickname, avatar) = match profile {
-        Some(p) => (p.nickname.as_deref(), p.avatar.as_deref()),
-        None => (None, None),
-    };
-    let (profile_at, profile_message_id) = match profile {
-        Some(_) => (Some(message.sent_at), Some(message.message_id.as_str())),
-        None => (None, None),
-    };
+    let (nickname, avatar) = (profile::nickname(message), profile::avatar(message));
     let sql = format!(
-        "INSERT INTO customer (tenant_id, platform, external_user_id, nickname, avatar, \
-         profile_at, profile_message_id) VALUES (?, ?, ?, ?, ?, ?, ?) \
-         {CUSTOMER_ON_DUPLICATE}, id = LAST_INSERT_ID(id)"
+        "{CUSTOMER_COLUMNS} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) {CUSTOMER_ON_DUPLICATE}, \
+         id = LAST_INSERT_ID(id)"
     );
     let result = sqlx::query(&sql)
         .bind(&message.tenant_id)
         .bind(&message.platform)
         .bind(&message.from_user_id)
-        .bind(nickname)
-        .bind(avatar)
-        .bind(profile_at)
-        .bind(profile_message_id)
+        .bind(nickname.map(|f| f.value))
+        .bind(nickname.map(|f| f.at))
+        .bind(nickname.map(|f| f.message_id))
+        .bind(avatar.map(|f| f.value))
+        .bind(avatar.map(|f| f.at))
+        .bind(avatar.map(|f| f.message_id))
         .execute(&mut **tx)
         .await?;
     Ok(result.last_insert_id())

@@ -178,3 +178,71 @@ async fn message_natural_key_rejects_a_second_row_and_is_case_sensitive() {
     conn.close().await.unwrap();
     db.drop_now().await;
 }
+
+/// A customer's user id with its nickname and avatar markers.
+type MarkerRow = (
+    String,
+    Option<i64>,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+);
+
+#[tokio::test]
+async fn migrating_a_database_of_the_first_schema_gives_each_profile_field_its_old_marker() {
+    // A database as the first release left it: only the initial migration applied.
+    let db = TestDatabase::reserve();
+    let settings = im_ingest::config::DatabaseSettings {
+        url: im_ingest::secret::SecretUrl::new(db.url()),
+        ..Default::default()
+    };
+    im_ingest::store::create_database_if_missing(&settings.url)
+        .await
+        .unwrap();
+    let first = tempfile::tempdir().unwrap();
+    let initial = "20261122000001_initial_schema.sql";
+    std::fs::copy(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("migrations")
+            .join(initial),
+        first.path().join(initial),
+    )
+    .unwrap();
+    let mut conn = db.connect().await;
+    sqlx::migrate::Migrator::new(first.path())
+        .await
+        .unwrap()
+        .run(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO customer (tenant_id, platform, external_user_id, nickname, avatar, \
+         profile_at, profile_message_id) VALUES \
+         ('t', 'p', 'both', 'nick', 'a.jpg', 5, 'm5'), \
+         ('t', 'p', 'nickname-only', 'nick', NULL, 6, 'm6'), \
+         ('t', 'p', 'none', NULL, NULL, NULL, NULL)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+
+    im_ingest::store::migrate(&settings).await.unwrap();
+    let rows: Vec<MarkerRow> = sqlx::query_as(
+        "SELECT CAST(external_user_id AS CHAR), nickname_at, CAST(nickname_message_id AS CHAR), \
+             avatar_at, CAST(avatar_message_id AS CHAR) FROM customer ORDER BY external_user_id",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    let some = |s: &str| Some(s.to_string());
+    assert_eq!(
+        rows,
+        [
+            ("both".into(), Some(5), some("m5"), Some(5), some("m5")),
+            ("nickname-only".into(), Some(6), some("m6"), None, None),
+            ("none".into(), None, None, None, None),
+        ]
+    );
+    conn.close().await.unwrap();
+    db.drop_now().await;
+}

@@ -153,6 +153,88 @@ async fn newest_profile_wins_whatever_the_order_of_application() {
     db.drop_now().await;
 }
 
+#[tokio::test]
+async fn each_profile_field_is_newest_wins_on_its_own_whatever_the_order() {
+    let (db, pool) = migrated_pool().await;
+    let part = |customer: &str, id: &str, at: i64, nickname: Option<&str>, avatar: Option<&str>| {
+        let mut m = chat(customer, id, at);
+        m.profile = Some(Profile {
+            nickname: nickname.map(str::to_string),
+            avatar: avatar.map(str::to_string),
+        });
+        m
+    };
+    // The newest nickname is A's, the newest avatar B's, though A is newer than B.
+    let messages = |customer: &str| {
+        [
+            part(customer, "a", 2_000, Some("nick-new"), None),
+            part(customer, "b", 1_000, None, Some("avatar-new.jpg")),
+            part(customer, "c", 500, Some("nick-old"), Some("avatar-old.jpg")),
+        ]
+    };
+    let orders = [
+        [0, 1, 2],
+        [0, 2, 1],
+        [1, 0, 2],
+        [1, 2, 0],
+        [2, 0, 1],
+        [2, 1, 0],
+    ];
+    let mut customers = Vec::new();
+    for order in orders {
+        let customer = unique("one-by-one");
+        let all = messages(&customer);
+        for (offset, index) in order.iter().enumerate() {
+            write_message(&pool, &all[*index], &provenance(offset as i64))
+                .await
+                .unwrap();
+        }
+        customers.push(customer);
+    }
+    // The batch path: all three in one batch, and the newest in a later batch.
+    let customer = unique("one-batch");
+    let all = messages(&customer);
+    let provenances: Vec<Provenance> = (0..3).map(provenance).collect();
+    write_batch(&pool, &all.iter().zip(&provenances).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    customers.push(customer);
+    let customer = unique("two-batches");
+    let all = messages(&customer);
+    write_batch(
+        &pool,
+        &all[1..].iter().zip(&provenances).collect::<Vec<_>>(),
+    )
+    .await
+    .unwrap();
+    write_batch(
+        &pool,
+        &all[..1].iter().zip(&provenances).collect::<Vec<_>>(),
+    )
+    .await
+    .unwrap();
+    customers.push(customer);
+
+    for customer in customers {
+        let profile: (Option<String>, Option<String>) =
+            sqlx::query_as("SELECT nickname, avatar FROM customer WHERE external_user_id = ?")
+                .bind(&customer)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(
+            profile,
+            (
+                Some("nick-new".to_string()),
+                Some("avatar-new.jpg".to_string())
+            ),
+            "customer {customer}"
+        );
+    }
+    pool.close().await;
+    db.drop_now().await;
+}
+
 fn with_profile(customer: &str, id: &str, at: i64, nick: &str) -> ChatMessage {
     let mut m = chat(customer, id, at);
     m.profile = Some(Profile {
@@ -229,15 +311,15 @@ async fn a_batch_converges_like_the_same_messages_written_one_by_one() {
     let provenances: Vec<Provenance> = (1..=4).map(provenance).collect();
     let items: Vec<_> = messages.iter().zip(&provenances).collect();
     write_batch(&pool, &items).await.unwrap();
-    let (nickname, profile_at, last): (String, i64, i64) = sqlx::query_as(
-        "SELECT c.nickname, c.profile_at, s.last_message_at FROM customer c \
+    let (nickname, nickname_at, last): (String, i64, i64) = sqlx::query_as(
+        "SELECT c.nickname, c.nickname_at, s.last_message_at FROM customer c \
          JOIN session s ON s.customer_id = c.id",
     )
     .fetch_one(&pool)
     .await
     .unwrap();
     assert_eq!(
-        (nickname.as_str(), profile_at, last),
+        (nickname.as_str(), nickname_at, last),
         ("newest", 3_000, 4_000)
     );
 

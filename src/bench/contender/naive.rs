@@ -13,12 +13,19 @@ use crate::message::ChatMessage;
 use crate::pipeline::Record;
 
 /// The worker's schema, from which the naive writer's is derived.
-const WORKER_SCHEMA: &str = include_str!("../../../migrations/20261122000001_initial_schema.sql");
+/// The worker's migrations, in order, as one script.
+fn worker_schema() -> String {
+    crate::store::MIGRATOR
+        .iter()
+        .map(|migration| migration.sql.as_ref())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
 
 /// The worker's tables with every unique key turned into a plain index: the same
 /// columns, lookups as fast, only the uniqueness missing — as such teams' tables are.
 fn schema() -> String {
-    WORKER_SCHEMA.replace("UNIQUE KEY", "KEY")
+    worker_schema().replace("UNIQUE KEY", "KEY")
 }
 
 /// Creates the naive writer's tables in an empty database.
@@ -45,17 +52,23 @@ pub async fn write_one(
         Some(id) => id,
         None => {
             let profile = message.profile.as_ref();
+            let nickname = profile.and_then(|p| p.nickname.as_deref());
+            let avatar = profile.and_then(|p| p.avatar.as_deref());
+            let marker = |field: Option<&str>| field.map(|_| (message.sent_at, &message.message_id));
             sqlx::query(
-                "INSERT INTO customer (tenant_id, platform, external_user_id, nickname, avatar, \
-                 profile_at, profile_message_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO customer (tenant_id, platform, external_user_id, nickname, \
+                 nickname_at, nickname_message_id, avatar, avatar_at, avatar_message_id) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(&message.tenant_id)
             .bind(&message.platform)
             .bind(&message.from_user_id)
-            .bind(profile.and_then(|p| p.nickname.as_deref()))
-            .bind(profile.and_then(|p| p.avatar.as_deref()))
-            .bind(message.sent_at)
-            .bind(&message.message_id)
+            .bind(nickname)
+            .bind(marker(nickname).map(|m| m.0))
+            .bind(marker(nickname).map(|m| m.1))
+            .bind(avatar)
+            .bind(marker(avatar).map(|m| m.0))
+            .bind(marker(avatar).map(|m| m.1))
             .execute(pool)
             .await?
             .last_insert_id() as i64
@@ -126,7 +139,7 @@ mod tests {
         assert_eq!(schema.matches("CREATE TABLE").count(), 3);
         assert_eq!(
             schema.matches("KEY ").count(),
-            super::WORKER_SCHEMA.matches("KEY ").count()
+            super::worker_schema().matches("KEY ").count()
         );
     }
 }

@@ -15,7 +15,7 @@
 use super::batch::{Pending, Stages, Step};
 use super::route::Route;
 use super::{Job, Outcome};
-use crate::store::{BatchConnection, BatchItem, BatchWriteError, Provenance, WriteOutcome};
+use crate::store::{self, BatchConnection, BatchItem, BatchWriteError, Provenance, WriteOutcome};
 
 /// Error class of messages whose rows the database refuses (DESIGN.md, "Dead-letter").
 pub const DATABASE_REJECTED_FQCN: &str = "im_ingest::DatabaseRejected";
@@ -231,15 +231,8 @@ fn unsettle_from(pending: &mut Pending, first: Option<usize>, error: BatchWriteE
     }
 }
 
-/// MySQL/MariaDB errors that refuse the data itself, so running the same rows again can
-/// never succeed: a trigger's `SIGNAL` (1644), data too long (1406), an incorrect
-/// string value (1366), a NULL into a NOT NULL column (1048), a foreign key (1452) or a
-/// CHECK constraint (3819 MySQL, 4025 MariaDB). Anything else — a lost connection, a
-/// timeout, a full disk — is worth retrying.
+/// Whether the database refused the data itself (see [`store::is_refusal`]): running
+/// the same rows again can never succeed.
 fn is_refusal(error: &BatchWriteError) -> bool {
-    let Some(sqlx::Error::Database(db)) = error.database() else {
-        return false;
-    };
-    db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
-        .is_some_and(|e| matches!(e.number(), 1644 | 1406 | 1366 | 1048 | 1452 | 3819 | 4025))
+    error.database().is_some_and(store::is_refusal)
 }

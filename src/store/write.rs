@@ -2,7 +2,8 @@
 //!
 //! Guarantee: in one transaction, the customer and the session are got-or-created by
 //! their natural keys (`INSERT … ON DUPLICATE KEY UPDATE id = LAST_INSERT_ID(id)`) and the
-//! message is inserted with `INSERT IGNORE`; the unique indexes make any number of
+//! message is inserted (a duplicate key means it is stored already; anything else the
+//! database refuses is an error, see [`is_refusal`]); the unique indexes make any number of
 //! concurrent or repeated writes of the same message leave exactly one row of each,
 //! with or without the Redis lock. Mutable fields converge whatever the order of
 //! application: each profile field is newest-wins by (timestamp, message id) and
@@ -69,15 +70,36 @@ where
     }
 }
 
-/// MySQL/MariaDB deadlock (1213) or lock wait timeout (1205): the transaction was rolled
-/// back (or its statement was) and may simply run again.
-pub fn is_retryable(error: &sqlx::Error) -> bool {
+/// A duplicate key (1062): the row is there already.
+pub(super) fn is_duplicate_key(error: &sqlx::Error) -> bool {
+    mysql_error_number(error) == Some(1062)
+}
+
+/// MySQL/MariaDB errors that refuse the data itself, so running the same rows again can
+/// never succeed: a trigger's `SIGNAL` (1644), data too long (1406), an incorrect
+/// string value (1366), a NULL into a NOT NULL column (1048), a foreign key (1452) or a
+/// CHECK constraint (3819 MySQL, 4025 MariaDB). Anything else — a lost connection, a
+/// timeout, a full disk — is worth retrying.
+pub fn is_refusal(error: &sqlx::Error) -> bool {
+    matches!(
+        mysql_error_number(error),
+        Some(1644 | 1406 | 1366 | 1048 | 1452 | 3819 | 4025)
+    )
+}
+
+fn mysql_error_number(error: &sqlx::Error) -> Option<u16> {
     match error {
         sqlx::Error::Database(db) => db
             .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
-            .is_some_and(|e| matches!(e.number(), 1213 | 1205)),
-        _ => false,
+            .map(|e| e.number()),
+        _ => None,
     }
+}
+
+/// MySQL/MariaDB deadlock (1213) or lock wait timeout (1205): the transaction was rolled
+/// back (or its statement was) and may simply run again.
+pub fn is_retryable(error: &sqlx::Error) -> bool {
+    matches!(mysql_error_number(error), Some(1213 | 1205))
 }
 
 async fn try_write_message(
@@ -88,8 +110,10 @@ async fn try_write_message(
     let mut tx = pool.begin().await?;
     let customer_id = upsert_customer(&mut tx, message).await?;
     let session_id = upsert_session(&mut tx, message, customer_id).await?;
+    // A plain INSERT, not INSERT IGNORE: a row the database refuses (CHECK, foreign key,
+    // data too long) fails here instead of being skipped or cut without an error.
     let inserted = sqlx::query(
-        "INSERT IGNORE INTO message (tenant_id, platform, external_message_id, session_id, \
+        "INSERT INTO message (tenant_id, platform, external_message_id, session_id, \
          customer_id, message_type, content, sent_at, source_topic, source_partition, \
          source_offset) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
@@ -105,15 +129,15 @@ async fn try_write_message(
     .bind(provenance.partition)
     .bind(provenance.offset)
     .execute(&mut *tx)
-    .await?;
+    .await;
+    let outcome = match inserted {
+        Ok(_) => WriteOutcome::Stored,
+        // Only the statement failed; the customer and session upserts stand.
+        Err(error) if is_duplicate_key(&error) => WriteOutcome::Duplicate,
+        Err(error) => return Err(error),
+    };
     tx.commit().await?;
-    // A single-row INSERT IGNORE reports 1 for a new row and 0 for a duplicate (unlike
-    // ON DUPLICATE KEY UPDATE under sqlx's CLIENT_FOUND_ROWS).
-    Ok(if inserted.rows_affected() == 1 {
-        WriteOutcome::Stored
-    } else {
-        WriteOutcome::Duplicate
-    })
+    Ok(outcome)
 }
 
 /// The session upsert's convergent update: `last_message_at` only moves forward.

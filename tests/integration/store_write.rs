@@ -417,3 +417,75 @@ async fn a_batch_write_blocked_by_an_outside_row_lock_is_interrupted_at_its_stal
     pool.close().await;
     db.drop_now().await;
 }
+
+#[tokio::test]
+async fn every_kind_of_refusal_fails_the_write_as_a_refusal_and_stores_nothing_of_it() {
+    let (db, pool) = migrated_pool().await;
+    // What an operator's own schema may add: a CHECK, a foreign key, narrower columns.
+    for ddl in [
+        "ALTER TABLE message ADD CONSTRAINT no_forbidden CHECK (content <> 'forbidden')",
+        "CREATE TABLE allowed_type (name VARCHAR(64) NOT NULL PRIMARY KEY) \
+         DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_unicode_ci",
+        "INSERT INTO allowed_type VALUES ('TEXT')",
+        "ALTER TABLE message ADD CONSTRAINT fk_type FOREIGN KEY (message_type) \
+         REFERENCES allowed_type (name)",
+        "ALTER TABLE customer MODIFY nickname VARCHAR(8) NULL",
+        "ALTER TABLE customer MODIFY avatar VARCHAR(2048) CHARACTER SET latin1 NULL",
+    ] {
+        sqlx::query(ddl).execute(&pool).await.unwrap();
+    }
+    let customer = unique("c");
+    let mut check = chat(&customer, "check", 1_000);
+    check.content = "forbidden".into();
+    let mut foreign_key = chat(&customer, "foreign-key", 1_000);
+    foreign_key.message_type = "IMAGE".into();
+    let mut too_long = chat(&unique("long"), "too-long", 1_000);
+    too_long.profile = Some(Profile {
+        nickname: Some("longer than eight".into()),
+        avatar: None,
+    });
+    let mut bad_string = chat(&unique("latin"), "bad-string", 1_000);
+    bad_string.profile = Some(Profile {
+        nickname: None,
+        avatar: Some("\u{1F600}.jpg".into()),
+    });
+    let good = chat(&customer, "good", 1_000);
+
+    for (refused, code) in [
+        (&check, [4025, 3819]),
+        (&foreign_key, [1452, 1452]),
+        (&too_long, [1406, 1406]),
+        (&bad_string, [1366, 1366]),
+    ] {
+        let error = write_message(&pool, refused, &provenance(1))
+            .await
+            .expect_err(&format!("{} was accepted", refused.message_id));
+        let number = error
+            .as_database_error()
+            .and_then(|e| e.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
+            .map(|e| e.number());
+        assert!(
+            number.is_some_and(|n| code.contains(&n)),
+            "{}: {error}",
+            refused.message_id
+        );
+        assert!(store::is_refusal(&error), "{}: {error}", refused.message_id);
+        // In a batch with a good message: the whole transaction fails, nothing is kept.
+        let provenances = [provenance(2), provenance(3)];
+        let items = [(&good, &provenances[0]), (refused, &provenances[1])];
+        let error = write_batch(&pool, &items)
+            .await
+            .expect_err(&format!("a batch with {} was accepted", refused.message_id));
+        assert!(
+            error.database().is_some_and(store::is_refusal),
+            "{}: {error}",
+            refused.message_id
+        );
+    }
+    assert_eq!(count(&pool, "message").await, 0);
+    // The good message alone is stored.
+    write_message(&pool, &good, &provenance(4)).await.unwrap();
+    assert_eq!(count(&pool, "message").await, 1);
+    pool.close().await;
+    db.drop_now().await;
+}

@@ -6,13 +6,15 @@
 //! record's offset is offered for storing only after its processing returned `Ok`
 //! (durable). Each record holds an in-flight permit until then, so the number of
 //! records in memory is bounded. A failed processing (database down) is retried with
-//! capped exponential backoff while the partition is still ours; once it is revoked the
+//! capped exponential backoff with jitter (so the records of many users waiting for one
+//! database do not all come back at once) while the partition is still ours; once it is revoked the
 //! record is abandoned to the partition's next owner.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
@@ -132,7 +134,7 @@ impl Dispatcher {
 
     /// Processes one user's batch until every record in it is durable or abandoned.
     async fn run(&self, mut pending: Vec<Work>) {
-        let mut pause = self.backoff.0;
+        let mut pauses = retry_pauses(self.backoff.0, self.backoff.1);
         let started = std::time::Instant::now();
         loop {
             let results = self
@@ -164,6 +166,7 @@ impl Dispatcher {
             let Some(head) = pending.first().map(|w| &w.job.record) else {
                 return;
             };
+            let pause = pauses.next().unwrap_or(self.backoff.1);
             tracing::warn!(topic = %head.topic, partition = head.partition, offset = head.offset,
                 error = format!("{error:#}"), retry_in_ms = pause.as_millis() as u64,
                 "processing failed; retrying");
@@ -171,7 +174,37 @@ impl Dispatcher {
                 _ = self.cancel.cancelled() => {}
                 _ = tokio::time::sleep(pause) => {}
             }
-            pause = (pause * 2).min(self.backoff.1);
         }
+    }
+}
+
+/// The pauses between attempts of a failed write: from `initial`, doubling up to `max`,
+/// each lengthened by a random part of itself (backon's jitter), without end.
+fn retry_pauses(initial: Duration, max: Duration) -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::new()
+        .with_min_delay(initial)
+        .with_max_delay(max)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_pauses_double_from_the_first_stay_below_twice_the_cap_and_vary() {
+        let (initial, max) = (Duration::from_millis(100), Duration::from_millis(5_000));
+        let pauses: Vec<Duration> = retry_pauses(initial, max).take(12).collect();
+        assert!(
+            pauses[0] >= initial && pauses[0] < initial * 2,
+            "{pauses:?}"
+        );
+        assert!(pauses[3] >= initial * 8, "doubling: {pauses:?}");
+        assert!(pauses.iter().all(|p| *p < max * 2), "capped: {pauses:?}");
+        assert!(pauses[10] >= max, "reaches the cap: {pauses:?}");
+        let again: Vec<Duration> = retry_pauses(initial, max).take(12).collect();
+        assert_ne!(pauses, again, "jittered: two sequences are not the same");
     }
 }

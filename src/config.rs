@@ -586,6 +586,13 @@ impl Settings {
             !self.retry.delays_ms.is_empty() && self.retry.delays_ms.iter().all(|d| *d > 0),
             "invalid configuration: `retry.delays_ms` needs at least one delay, each above 0"
         );
+        let distinct: std::collections::BTreeSet<u64> =
+            self.retry.delays_ms.iter().copied().collect();
+        anyhow::ensure!(
+            distinct.len() == self.retry.delays_ms.len(),
+            "invalid configuration: `retry.delays_ms` lists a delay twice (each delay is a \
+             topic of its own)"
+        );
         anyhow::ensure!(
             self.retry.max_attempts >= 1,
             "invalid configuration: `retry.max_attempts` must be at least 1"
@@ -679,6 +686,12 @@ mod tests {
                 "{err:#}"
             );
         }
+    }
+
+    #[test]
+    fn a_delay_listed_twice_is_refused_naming_the_key() {
+        let err = load_with("", &[("RETRY__DELAYS_MS", "250,1000,1000")]).unwrap_err();
+        assert!(format!("{err:#}").contains("retry.delays_ms"), "{err:#}");
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! Decoding and validation of inbound records (DESIGN.md, "Inbound records").
 //!
 //! Guarantee: [`decode`] either returns a value whose every field fits the database
-//! columns it will be written to, or an [`InvalidMessage`] saying why — so a later
-//! `INSERT IGNORE` can only ever skip a duplicate, never silently truncate. It is pure
+//! columns it will be written to, or an [`InvalidMessage`] saying why — so the write
+//! never meets a column too narrow for a valid message. It is pure
 //! (no I/O) and never panics on any input.
 
 use serde::Deserialize;

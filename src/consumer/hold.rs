@@ -4,8 +4,8 @@
 //! with that record's offset; nothing of it is processed or tracked while it is held
 //! (records still arriving from it are dropped: they will be fetched again), so its
 //! stored offset cannot pass the head record. When the due time comes the partition is
-//! sought back to the head record and resumed — never skipped, never busy-polled. A
-//! record is held at most once: read again after its release, it is processed whatever
+//! sought back to the head record and resumed — never skipped, never busy-polled. Within
+//! one assignment a record is held at most once: read again after its release, it is processed whatever
 //! its due time now says (a due time bounded from the moment of reading, see
 //! `retry::trust`, would otherwise lie ahead again on every read).
 

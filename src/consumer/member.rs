@@ -47,6 +47,11 @@ impl Member {
         for (key, value) in &settings.kafka.librdkafka {
             config.set(key, value);
         }
+        // librdkafka drops lines below the level derived from the log filter before
+        // `WorkerContext::log` sees them; the offset-reset warning must reach it.
+        if (config.log_level as i32) < (RDKafkaLogLevel::Warning as i32) {
+            config.set_log_level(RDKafkaLogLevel::Warning);
+        }
         let consumer: StreamConsumer<WorkerContext> = config
             .create_with_context(WorkerContext {
                 partitions: partitions.clone(),
@@ -118,16 +123,16 @@ pub struct WorkerContext {
 }
 
 impl ClientContext for WorkerContext {
-    /// librdkafka's log lines, as its default does, except one: a committed offset the
-    /// broker no longer has (retention or deletion removed records the group had not
+    /// librdkafka's log lines, as its default does, except one: a fetch position (the
+    /// committed offset, or a lagging consumer's) the broker no longer has (retention or deletion removed records the group had not
     /// read) makes librdkafka reset to the earliest record and only warn, which loses
     /// those records silently. That one is an ERROR and counted
     /// (`im_ingest_offset_resets_total`).
     fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
         if is_offset_out_of_range_reset(facility, message) {
             metrics::counter!("im_ingest_offset_resets_total").increment(1);
-            tracing::error!(target: "librdkafka", librdkafka = message,
-                "the group's committed offset is no longer on the broker (retention or deletion): \
+            tracing::error!(librdkafka = message,
+                "the partition's fetch position is no longer on the broker (retention or deletion removed records the group had not read): \
                  consumption restarts at the earliest record; the records in between were never read");
             return;
         }

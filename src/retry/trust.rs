@@ -8,7 +8,8 @@
 //! and headers that are malformed, too many or too large are replaced by what the topic
 //! implies (the record's own coordinates, that topic's attempt, due now). Whatever is
 //! out of range is logged and counted (`im_ingest_retry_headers_distrusted_total`), and
-//! is never a reason to dead-letter a record or to hold its partition.
+//! is never a reason to dead-letter a record or to hold its partition longer than that
+//! topic's delay allows.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -89,7 +90,8 @@ impl RetryTrust {
         let Some(delay_topic) = self.topics.get(topic) else {
             if headers.is_some_and(|h| !matches!(RetryHeaders::from_headers(h), Ok(None))) {
                 distrusted("not_a_delay_topic");
-                tracing::info!(
+                // DEBUG: a platform may send such headers on every record.
+                tracing::debug!(
                     topic,
                     "retry headers on a topic that is not a delay topic ignored: the record is a first attempt"
                 );

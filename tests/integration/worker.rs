@@ -518,7 +518,7 @@ async fn a_committed_offset_deleted_by_retention_is_reported_as_an_error_and_cou
     let log = worker.log_text();
     let line = log
         .lines()
-        .find(|l| l.contains("committed offset is no longer on the broker"))
+        .find(|l| l.contains("fetch position is no longer on the broker"))
         .unwrap_or_else(|| panic!("the reset was not logged:\n{log}"));
     assert!(line.contains("ERROR"), "{line}");
     drop(worker);

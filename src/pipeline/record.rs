@@ -82,7 +82,11 @@ impl Job {
             &record.topic,
             record.headers.as_ref(),
             &own_origin,
-            now_millis(),
+            // When the record reached its delay topic (never later than now): a basis
+            // that stays the same each time the record is read.
+            record
+                .timestamp
+                .map_or_else(now_millis, |at| at.min(now_millis())),
         );
         let previous_holder = match &retry {
             Some(h) if h.exception_fqcn == LOCK_HELD_FQCN => {

@@ -3,10 +3,11 @@
 //!
 //! Guarantee: retry headers are read only on the worker's delay topics; on any other
 //! topic they are ignored and the record is a first attempt. On a delay topic the due
-//! time is at most now + that topic's delay × (1 + jitter) + [`CLOCK_MARGIN`], the
+//! time is at most the record's timestamp (when it reached the topic; now, if that lies
+//! ahead) + that topic's delay × (1 + jitter) + [`CLOCK_MARGIN`], the
 //! attempt count lies between the attempt that topic carries and `retry.max_attempts`,
 //! and headers that are malformed, too many or too large are replaced by what the topic
-//! implies (the record's own coordinates, that topic's attempt, due now). Whatever is
+//! implies (the record's own coordinates, that topic's attempt, due at once). Whatever is
 //! out of range is logged and counted (`im_ingest_retry_headers_distrusted_total`), and
 //! is never a reason to dead-letter a record or to hold its partition longer than that
 //! topic's delay allows.
@@ -76,9 +77,10 @@ impl RetryTrust {
         }
     }
 
-    /// The retry state a record of `topic` is processed with, as of `now` (epoch ms):
-    /// `None` for a first attempt. `own` is the record's own coordinates, used when its
-    /// headers cannot be read.
+    /// The retry state a record of `topic` is processed with: `None` for a first attempt.
+    /// `own` is the record's own coordinates, used when its headers cannot be read; `now`
+    /// (epoch ms) the basis of the due-time cap (the caller passes the record's
+    /// timestamp, not later than the present, so the cap is the same at every read).
     pub fn read(
         &self,
         topic: &str,

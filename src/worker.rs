@@ -142,15 +142,8 @@ async fn metrics_upkeep(handle: PrometheusHandle) {
 /// the group (see `consumer::member`).
 pub fn consumer_subscriptions(settings: &Settings) -> Vec<Vec<String>> {
     let kafka = &settings.kafka;
-    let delays: Vec<String> = consumer::worker_topics(settings)
-        .into_iter()
-        .filter(|t| *t != kafka.inbound_topic && *t != kafka.dlq_topic)
-        .collect();
-    let mut subscriptions = vec![vec![kafka.inbound_topic.clone()]];
-    if !delays.is_empty() {
-        subscriptions.push(delays);
-    }
-    subscriptions
+    let delays = RetryPolicy::from_settings(&settings.retry).topics(&kafka.retry_topic);
+    vec![vec![kafka.inbound_topic.clone()], delays]
 }
 
 /// Completes on the first SIGINT or SIGTERM. A second one exits the process at once

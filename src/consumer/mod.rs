@@ -128,12 +128,13 @@ pub async fn run(
             continue;
         }
         let job = pipeline.prepare(record);
-        let held_before = member.partitions().was_released(&tp, job.record.offset);
-        if let Some(due_at) = job.due_at.filter(|due| *due > now_millis() && !held_before) {
-            member
-                .partitions()
-                .hold(&member.consumer, tp, job.record.offset, due_at);
-            continue;
+        if let Some(due_at) = job.due_at.filter(|due| *due > now_millis()) {
+            let mut partitions = member.partitions();
+            // A record is held once: read again after its release, it is processed.
+            if !partitions.was_released(&tp, job.record.offset) {
+                partitions.hold(&member.consumer, tp, job.record.offset, due_at);
+                continue;
+            }
         }
         if let Some(due_at) = job.due_at {
             metrics::histogram!("im_ingest_retry_lateness_seconds")

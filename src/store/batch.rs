@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use sqlx::{MySql, MySqlConnection, QueryBuilder};
 
-use super::profile::{self, CUSTOMER_COLUMNS, CUSTOMER_ON_DUPLICATE};
+use super::profile;
 use super::write::{is_duplicate_key, Provenance, WriteOutcome};
 use crate::message::ChatMessage;
 
@@ -181,12 +181,7 @@ async fn upsert_customers(
     connection: &mut MySqlConnection,
     items: &[BatchItem<'_>],
 ) -> Result<HashMap<(Scope, String), i64>, sqlx::Error> {
-    type Fields<'m> = (
-        &'m ChatMessage,
-        Option<profile::Marked<'m>>,
-        Option<profile::Marked<'m>>,
-    );
-    let mut customers: BTreeMap<(Scope, String), Fields<'_>> = BTreeMap::new();
+    let mut customers: BTreeMap<(Scope, String), profile::CustomerRow<'_>> = BTreeMap::new();
     for (message, _) in items {
         let (_, nickname, avatar) = customers
             .entry((scope(message), message.from_user_id.clone()))
@@ -194,22 +189,7 @@ async fn upsert_customers(
         *nickname = profile::newest(*nickname, profile::nickname(message));
         *avatar = profile::newest(*avatar, profile::avatar(message));
     }
-    let mut insert = QueryBuilder::<MySql>::new(CUSTOMER_COLUMNS);
-    insert.push_values(
-        customers.values(),
-        |mut row, (message, nickname, avatar)| {
-            row.push_bind(&message.tenant_id)
-                .push_bind(&message.platform)
-                .push_bind(&message.from_user_id)
-                .push_bind(nickname.map(|f| f.value))
-                .push_bind(nickname.map(|f| f.at))
-                .push_bind(nickname.map(|f| f.message_id))
-                .push_bind(avatar.map(|f| f.value))
-                .push_bind(avatar.map(|f| f.at))
-                .push_bind(avatar.map(|f| f.message_id));
-        },
-    );
-    insert.push(CUSTOMER_ON_DUPLICATE);
+    let insert = profile::customer_upsert(customers.values().copied());
     if let Some(id) = upsert(connection, insert, customers.len()).await? {
         let key = customers.into_keys().next().expect("one customer");
         return Ok(HashMap::from([(key, id)]));

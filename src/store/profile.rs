@@ -5,6 +5,8 @@
 //! touches the other. So the stored profile is the same whatever order its messages are
 //! applied in, one by one or in batches.
 
+use sqlx::{MySql, QueryBuilder};
+
 use crate::message::ChatMessage;
 
 /// One profile field's value with the marker of the message that carries it.
@@ -107,18 +109,48 @@ macro_rules! newest_wins {
     };
 }
 
-/// The customer's columns as the upserts insert them, in this order.
-pub(super) const CUSTOMER_COLUMNS: &str = "INSERT INTO customer (tenant_id, platform, \
+/// The customer's columns as the upsert inserts them, in this order.
+const CUSTOMER_COLUMNS: &str = "INSERT INTO customer (tenant_id, platform, \
      external_user_id, nickname, nickname_at, nickname_message_id, avatar, avatar_at, \
      avatar_message_id) ";
 
 /// The customer upsert's convergent update: each profile field newest-wins on its own.
-pub(super) const CUSTOMER_ON_DUPLICATE: &str = concat!(
+const CUSTOMER_ON_DUPLICATE: &str = concat!(
     " ON DUPLICATE KEY UPDATE ",
     newest_wins!("nickname"),
     ", ",
     newest_wins!("avatar")
 );
+
+/// One customer row to upsert: a message naming the customer, and the newest nickname
+/// and avatar among the messages written with it.
+pub(super) type CustomerRow<'m> = (&'m ChatMessage, Option<Marked<'m>>, Option<Marked<'m>>);
+
+/// The row of a customer written with `message` alone.
+pub(super) fn row_of(message: &ChatMessage) -> CustomerRow<'_> {
+    (message, nickname(message), avatar(message))
+}
+
+/// The multi-row customer upsert of `rows`, ending in its `ON DUPLICATE KEY UPDATE`
+/// list: the one statement both the single and the batch write run.
+pub(super) fn customer_upsert<'m>(
+    rows: impl IntoIterator<Item = CustomerRow<'m>>,
+) -> QueryBuilder<'m, MySql> {
+    let mut insert = QueryBuilder::new(CUSTOMER_COLUMNS);
+    insert.push_values(rows, |mut row, (message, nickname, avatar)| {
+        row.push_bind(&message.tenant_id)
+            .push_bind(&message.platform)
+            .push_bind(&message.from_user_id)
+            .push_bind(nickname.map(|f| f.value))
+            .push_bind(nickname.map(|f| f.at))
+            .push_bind(nickname.map(|f| f.message_id))
+            .push_bind(avatar.map(|f| f.value))
+            .push_bind(avatar.map(|f| f.at))
+            .push_bind(avatar.map(|f| f.message_id));
+    });
+    insert.push(CUSTOMER_ON_DUPLICATE);
+    insert
+}
 
 #[cfg(test)]
 mod tests {

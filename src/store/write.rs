@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use sqlx::{MySql, MySqlPool, Transaction};
 
-use super::profile::{self, CUSTOMER_COLUMNS, CUSTOMER_ON_DUPLICATE};
+use super::profile;
 use crate::message::ChatMessage;
 
 /// Where the record that carried a message came from (stored on the message row).
@@ -151,23 +151,9 @@ async fn upsert_customer(
     tx: &mut Transaction<'_, MySql>,
     message: &ChatMessage,
 ) -> Result<u64, sqlx::Error> {
-    let (nickname, avatar) = (profile::nickname(message), profile::avatar(message));
-    let sql = format!(
-        "{CUSTOMER_COLUMNS} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) {CUSTOMER_ON_DUPLICATE}, \
-         id = LAST_INSERT_ID(id)"
-    );
-    let result = sqlx::query(&sql)
-        .bind(&message.tenant_id)
-        .bind(&message.platform)
-        .bind(&message.from_user_id)
-        .bind(nickname.map(|f| f.value))
-        .bind(nickname.map(|f| f.at))
-        .bind(nickname.map(|f| f.message_id))
-        .bind(avatar.map(|f| f.value))
-        .bind(avatar.map(|f| f.at))
-        .bind(avatar.map(|f| f.message_id))
-        .execute(&mut **tx)
-        .await?;
+    let mut upsert = profile::customer_upsert([profile::row_of(message)]);
+    upsert.push(", id = LAST_INSERT_ID(id)");
+    let result = upsert.build().execute(&mut **tx).await?;
     Ok(result.last_insert_id())
 }
 

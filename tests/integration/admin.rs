@@ -87,13 +87,8 @@ async fn readyz_stays_ready_through_a_redis_outage_saying_degraded_and_turns_unr
         assert!(Instant::now() < deadline, "never reported degraded: {body}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    crate::worker::wait_for_count(
-        &pool,
-        "SELECT COUNT(*) FROM message WHERE external_message_id = 'during-redis-outage'",
-        1,
-        &worker,
-    )
-    .await;
+    let stored = crate::worker::count_of("during-redis-outage");
+    crate::worker::wait_for_count(&pool, &stored, 1, &worker).await;
     redis.restart();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !get(&admin, "/readyz").1.contains("\"redis\":\"ok\"") {
@@ -110,6 +105,24 @@ async fn readyz_stays_ready_through_a_redis_outage_saying_degraded_and_turns_unr
     drop(worker);
     pool.close().await;
     env.drop_database().await;
+}
+
+/// Waits (bounded) until the series `series` of the instance behind `admin` reads
+/// `expected` in its `/metrics`.
+pub async fn wait_for_metric(admin: &str, series: &str, expected: f64) {
+    let deadline = Instant::now() + crate::worker::WAIT;
+    loop {
+        let (_, body) = get(admin, "/metrics");
+        let value = metric(&body, series);
+        if value == Some(expected) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} stayed {value:?}, never {expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Partitions of `topic` the instance behind `admin` holds, from its `/metrics`.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::helpers::{unique, OutsideLock, WorkerEnv, WorkerProcess};
 use crate::kafka_util::{committed, produce, producer, read_all};
 use crate::pipeline::payload;
-use crate::worker::{count, start, wait_for_count, wait_until_all_committed, WAIT};
+use crate::worker::{count, count_of, start, wait_for_count, wait_until_all_committed, WAIT};
 
 /// Produces message `m1` of `customer` to partition 0 and waits for the worker to abort
 /// at its fail point; returns the record's offset.
@@ -23,10 +23,6 @@ async fn produce_and_expect_abort(
         "the fail point should abort the worker"
     );
     offset
-}
-
-fn count_of(message_id: &str) -> String {
-    format!("SELECT COUNT(*) FROM message WHERE external_message_id = '{message_id}'")
 }
 
 #[tokio::test]

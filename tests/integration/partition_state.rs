@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::admin::{get, metric};
+use crate::admin::{get, metric, wait_for_metric};
 use crate::helpers::{unique, OutsideLock, WorkerEnv, WorkerProcess};
 use crate::kafka_util::{committed, end_offset, produce, producer};
 use crate::pipeline::payload;
@@ -122,18 +122,7 @@ async fn queued_records_of_a_revoked_partition_are_dropped_not_processed_by_the_
     }
     // A holds all 10 (2 being written, 8 queued) before the second worker joins.
     let admin = a.admin_address();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (_, body) = get(&admin, "/metrics");
-        if metric(&body, "im_ingest_in_flight") == Some(10.0) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "A never had the 10 records in flight"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_metric(&admin, "im_ingest_in_flight", 10.0).await;
     let b = WorkerProcess::start(&env);
 
     let deadline = Instant::now() + WAIT;

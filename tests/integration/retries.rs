@@ -15,15 +15,11 @@ use crate::helpers::{unique, OutsideLock, WorkerEnv, WorkerProcess};
 use crate::kafka_util::{committed, end_offset, header, produce, producer, read_all, TIMEOUT};
 use crate::pipeline::payload;
 use crate::worker::{
-    count, push_ten_messages_of_one_new_customer_twice, start, wait_for_count,
+    count, count_of, push_ten_messages_of_one_new_customer_twice, start, wait_for_count,
     wait_until_all_committed, wait_until_topic_committed, WAIT,
 };
 
 const DELAYS: [u64; 4] = [250, 1000, 4000, 16000];
-
-fn count_of(message_id: &str) -> String {
-    format!("SELECT COUNT(*) FROM message WHERE external_message_id = '{message_id}'")
-}
 
 /// Waits until `sql` counts `expected` and returns when that was first seen (epoch ms).
 async fn time_of_count(pool: &MySqlPool, sql: &str, expected: i64, worker: &WorkerProcess) -> i64 {

@@ -13,7 +13,7 @@ use crate::helpers::{unique, WorkerEnv};
 use crate::kafka_util::{producer, read_all, TIMEOUT};
 use crate::pipeline::payload;
 use crate::worker::{
-    count, start, wait_for_count, wait_until_all_committed, wait_until_topic_committed,
+    count, count_of, start, wait_for_count, wait_until_all_committed, wait_until_topic_committed,
 };
 
 const A_YEAR_MS: i64 = 365 * 24 * 3600 * 1000;
@@ -47,10 +47,6 @@ async fn send(topic: &str, partition: i32, value: &str, headers: OwnedHeaders) {
         )
         .await
         .unwrap_or_else(|(e, _)| panic!("producing to {topic}: {e}"));
-}
-
-fn stored(message_id: &str) -> String {
-    format!("SELECT COUNT(*) FROM message WHERE external_message_id = '{message_id}'")
 }
 
 #[tokio::test]
@@ -92,7 +88,7 @@ async fn retry_headers_on_the_inbound_topic_are_ignored_and_the_messages_stored_
     .await;
 
     for id in ["full-set", "partial-set", "behind"] {
-        wait_for_count(&pool, &stored(id), 1, &worker).await;
+        wait_for_count(&pool, &count_of(id), 1, &worker).await;
     }
     wait_until_all_committed(&env, &worker).await;
     assert!(
@@ -128,7 +124,7 @@ async fn a_delay_record_due_in_a_year_waits_no_longer_than_its_topics_delay() {
     .await;
     // Its topic's delay is 250 ms: with jitter and the margin for clocks, well within 10 s.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while count(&pool, &stored("due-in-a-year")).await == 0 {
+    while count(&pool, &count_of("due-in-a-year")).await == 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the delay record was held past its topic's delay; log:\n{}",
@@ -160,7 +156,7 @@ async fn a_delay_record_with_malformed_retry_headers_is_stored_not_dead_lettered
         malformed,
     )
     .await;
-    wait_for_count(&pool, &stored("malformed-on-delay"), 1, &worker).await;
+    wait_for_count(&pool, &count_of("malformed-on-delay"), 1, &worker).await;
     wait_until_topic_committed(&env, &topic, &worker).await;
     assert!(read_all(&env.dlq).is_empty());
     drop(worker);

@@ -4,26 +4,17 @@
 
 use std::time::{Duration, Instant};
 
-use crate::admin::{get, metric};
+use crate::admin::wait_for_metric;
 use crate::helpers::{unique, WorkerEnv, WorkerProcess};
 use crate::kafka_util::{committed, end_offset, produce, producer};
 use crate::pipeline::payload;
-use crate::worker::{start, wait_for_count, wait_until_all_committed, WAIT};
+use crate::worker::{count_of, start, wait_for_count, wait_until_all_committed};
 
 /// Produces one message and waits until the worker has it in flight.
 async fn one_record_in_flight(env: &WorkerEnv, worker: &WorkerProcess, message_id: &str) {
     let value = payload(&unique("s"), message_id);
     produce(&producer(), &env.inbound, Some(0), value.as_bytes()).await;
-    let admin = worker.admin_address();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (_, body) = get(&admin, "/metrics");
-        if metric(&body, "im_ingest_in_flight") == Some(1.0) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "the record never was in flight");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_metric(&worker.admin_address(), "im_ingest_in_flight", 1.0).await;
 }
 
 #[tokio::test]
@@ -55,13 +46,7 @@ async fn a_shutdown_deadline_that_expires_exits_zero_and_leaves_the_unfinished_r
     );
     // The next worker stores it.
     let next = WorkerProcess::start(&env);
-    wait_for_count(
-        &pool,
-        "SELECT COUNT(*) FROM message WHERE external_message_id = 'unfinished'",
-        1,
-        &next,
-    )
-    .await;
+    wait_for_count(&pool, &count_of("unfinished"), 1, &next).await;
     wait_until_all_committed(&env, &next).await;
     drop(next);
     pool.close().await;
@@ -88,13 +73,7 @@ async fn a_second_signal_exits_at_once_with_code_130_and_the_record_is_redeliver
     assert!(log.contains("second signal"), "{log}");
     drop(worker);
     let next = WorkerProcess::start(&env);
-    wait_for_count(
-        &pool,
-        "SELECT COUNT(*) FROM message WHERE external_message_id = 'interrupted'",
-        1,
-        &next,
-    )
-    .await;
+    wait_for_count(&pool, &count_of("interrupted"), 1, &next).await;
     drop(next);
     pool.close().await;
     env.drop_database().await;

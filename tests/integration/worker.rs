@@ -10,7 +10,7 @@ use rdkafka::Message;
 use sqlx::mysql::MySqlPoolOptions;
 use sqlx::MySqlPool;
 
-use crate::admin::{assigned_partitions, get};
+use crate::admin::get;
 use crate::helpers::{brokers, unique, OutsideLock, WorkerEnv, WorkerProcess};
 use crate::kafka_util::{committed, end_offset, header, produce, producer, read_all};
 use crate::pipeline::payload;
@@ -73,17 +73,20 @@ pub async fn start(env: &WorkerEnv) -> (WorkerProcess, MySqlPool) {
 pub async fn wait_until_both_members_joined(env: &WorkerEnv, worker: &WorkerProcess) {
     let admin = worker.admin_address();
     let deadline = tokio::time::Instant::now() + WAIT;
-    let delay_series = format!(
-        "im_ingest_assigned_partitions{{topic=\"{}-",
-        env.retry_prefix
+    let series = |topic: &str| format!("im_ingest_assigned_partitions{{topic=\"{topic}");
+    let (inbound_series, delay_series) = (
+        series(&format!("{}\"}}", env.inbound)),
+        series(&format!("{}-", env.retry_prefix)),
     );
     loop {
         let (_, body) = get(&admin, "/metrics");
-        let inbound = assigned_partitions(&admin, &env.inbound).is_some_and(|n| n > 0.0);
-        let delays = body
-            .lines()
-            .filter(|l| l.starts_with(&delay_series))
-            .any(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) > Some(0.0));
+        // Some series starting so holds at least one partition.
+        let holds = |start: &str| {
+            body.lines()
+                .filter(|l| l.starts_with(start))
+                .any(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) > Some(0.0))
+        };
+        let (inbound, delays) = (holds(&inbound_series), holds(&delay_series));
         if inbound && delays {
             return;
         }
@@ -94,6 +97,11 @@ pub async fn wait_until_both_members_joined(env: &WorkerEnv, worker: &WorkerProc
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// How many messages with this external id are stored (an SQL count).
+pub fn count_of(message_id: &str) -> String {
+    format!("SELECT COUNT(*) FROM message WHERE external_message_id = '{message_id}'")
 }
 
 /// The external ids of every stored message.
@@ -502,19 +510,12 @@ async fn a_committed_offset_deleted_by_retention_is_reported_as_an_error_and_cou
 
     let (worker, pool) = start(&env).await;
     wait_for_count(&pool, "SELECT COUNT(*) FROM message", 4, &worker).await;
-    let admin_address = worker.admin_address();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (_, body) = crate::admin::get(&admin_address, "/metrics");
-        if crate::admin::metric(&body, "im_ingest_offset_resets_total") == Some(1.0) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the reset was not counted: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    crate::admin::wait_for_metric(
+        &worker.admin_address(),
+        "im_ingest_offset_resets_total",
+        1.0,
+    )
+    .await;
     let log = worker.log_text();
     let line = log
         .lines()

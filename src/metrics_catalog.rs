@@ -6,7 +6,7 @@
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 
 use crate::message::INVALID_MESSAGE_FQCN;
-use crate::pipeline::{DATABASE_REJECTED_FQCN, LOCK_HELD_FQCN};
+use crate::pipeline::{DATABASE_REJECTED_FQCN, DELAY_REFUSED_FQCN, LOCK_HELD_FQCN};
 use crate::retry::trust::DISTRUST_REASONS;
 
 /// Outcome labels of `im_ingest_records_total` (see `Outcome::label`).
@@ -19,7 +19,7 @@ const OUTCOMES: [&str; 5] = [
 ];
 
 /// Counters without labels: (name, help).
-const COUNTERS: [(&str, &str); 12] = [
+const COUNTERS: [(&str, &str); 13] = [
     (
         "im_ingest_offset_resets_total",
         "Committed offsets the broker no longer had (records removed before they were read)",
@@ -64,6 +64,10 @@ const COUNTERS: [(&str, &str); 12] = [
     (
         "im_ingest_db_write_stalls_total",
         "Batch transactions interrupted after waiting worker.write_stall_ms in the database",
+    ),
+    (
+        "im_ingest_dead_letter_stubs_total",
+        "Records the dead-letter topic refused, dead-lettered without their value",
     ),
 ];
 
@@ -128,7 +132,12 @@ pub fn register_all() {
         "im_ingest_dead_letters_total",
         "Records dead-lettered, by reason (error class)"
     );
-    for reason in [INVALID_MESSAGE_FQCN, LOCK_HELD_FQCN, DATABASE_REJECTED_FQCN] {
+    for reason in [
+        INVALID_MESSAGE_FQCN,
+        LOCK_HELD_FQCN,
+        DATABASE_REJECTED_FQCN,
+        DELAY_REFUSED_FQCN,
+    ] {
         metrics::counter!("im_ingest_dead_letters_total", "reason" => reason).increment(0);
     }
     describe_counter!(

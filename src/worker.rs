@@ -13,7 +13,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::admin;
 use crate::config::Settings;
-use crate::consumer;
+use crate::consumer::{self, TopicLimits};
 use crate::health::Health;
 use crate::lock::LockClient;
 use crate::pipeline::{BatchLimits, Pipeline};
@@ -21,14 +21,15 @@ use crate::retry::policy::RetryPolicy;
 use crate::retry::publish::Publisher;
 use crate::store;
 
-/// Builds the processing step from the settings (database pool, lock client, producer).
-pub async fn build_pipeline(settings: &Settings) -> anyhow::Result<Pipeline> {
+/// Builds the processing step from the settings (database pool, lock client, producer);
+/// `topics` is what [`consumer::ensure_topics`] found.
+pub async fn build_pipeline(settings: &Settings, topics: &TopicLimits) -> anyhow::Result<Pipeline> {
     let pool = store::connect(&settings.database).await?;
     let locks = LockClient::new(
         &settings.redis,
         Duration::from_millis(settings.lock.lease_ms),
     )?;
-    let publisher = Publisher::new(&settings.kafka)?;
+    let publisher = Publisher::new(&settings.kafka, topics.inbound_record_bytes)?;
     let policy = RetryPolicy::from_settings(&settings.retry);
     let longest_hold = locks.longest_hold();
     if let Some(last) = policy.delay_before_last_attempt() {
@@ -101,10 +102,10 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> any
     if settings.database.migrate_on_start {
         store::migrate(&settings.database).await?;
     }
-    consumer::ensure_topics(settings)
+    let topics = consumer::ensure_topics(settings)
         .await
         .context("making sure the topics exist")?;
-    let pipeline = build_pipeline(settings).await?;
+    let pipeline = build_pipeline(settings, &topics).await?;
     let health = Arc::new(Health::default());
     let upkeep = tokio::spawn(metrics_upkeep(metrics.clone()));
     let (_, admin) = admin::serve(settings, health.clone(), &pipeline, metrics).await?;

@@ -8,7 +8,9 @@
 //! records in memory is bounded. A failed processing (database down) is retried with
 //! capped exponential backoff with jitter (so the records of many users waiting for one
 //! database do not all come back at once) while the partition is still ours; once it is revoked the
-//! record is abandoned to the partition's next owner.
+//! record is abandoned to the partition's next owner. A fatal failure (one no retry can
+//! mend, see `PublishError::Fatal`) is not retried: its records are left to redelivery
+//! and the dispatcher asks the worker to stop ([`Dispatcher::fatal`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -22,6 +24,7 @@ use super::member::Member;
 use super::tracker::TopicPartition;
 use crate::message::UserKey;
 use crate::pipeline::{Job, Pipeline};
+use crate::retry::publish::PublishError;
 
 /// Most records of one user processed under one lock hold: enough to save most lock
 /// round trips for a busy user, few enough that the hold (and the other workers'
@@ -69,6 +72,9 @@ pub struct Dispatcher {
     active: Mutex<HashMap<Option<UserKey>, VecDeque<Work>>>,
     cancel: CancellationToken,
     backoff: (Duration, Duration),
+    /// The first fatal failure's reason; `stop` is cancelled when it is set.
+    fatal: Mutex<Option<String>>,
+    stop: CancellationToken,
 }
 
 impl Dispatcher {
@@ -82,7 +88,28 @@ impl Dispatcher {
             active: Mutex::new(HashMap::new()),
             cancel,
             backoff,
+            fatal: Mutex::new(None),
+            stop: CancellationToken::new(),
         })
+    }
+
+    /// Completes when a fatal failure happened; the worker should then stop.
+    pub async fn stopped(&self) {
+        self.stop.cancelled().await
+    }
+
+    /// The first fatal failure's reason, if one happened.
+    pub fn fatal(&self) -> Option<String> {
+        self.fatal.lock().expect("fatal lock poisoned").clone()
+    }
+
+    fn record_fatal(&self, reason: &str) {
+        let mut fatal = self.fatal.lock().expect("fatal lock poisoned");
+        if fatal.is_none() {
+            tracing::error!(%reason, "fatal failure; stopping the worker");
+            *fatal = Some(reason.to_string());
+            self.stop.cancel();
+        }
     }
 
     /// Queues the record behind its user's earlier ones, or starts a task for the user.
@@ -151,6 +178,11 @@ impl Dispatcher {
             let Some(error) = error else {
                 return;
             };
+            if let Some(reason) = PublishError::fatal_in(&error) {
+                // No retry mends it: the records stay uncommitted for the next start.
+                self.record_fatal(reason);
+                return;
+            }
             // Records of revoked partitions are abandoned to their next owner; the rest
             // are retried while the partition is ours.
             let cancelled = self.cancel.is_cancelled();

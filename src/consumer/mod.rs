@@ -33,7 +33,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 pub use member::group_consumer_config;
-pub use topics::{ensure_topics, worker_topics};
+pub use topics::{ensure_topics, worker_topics, TopicLimits};
 
 use crate::config::Settings;
 use crate::health::Health;
@@ -77,6 +77,16 @@ pub async fn run(
         Duration::from_millis(settings.worker.db_retry_max_ms),
     );
     let dispatcher = Dispatcher::new(pipeline.clone(), cancel.clone(), backoff);
+    // A fatal failure shuts the worker down like a signal, then fails the run.
+    let shutdown = {
+        let dispatcher = dispatcher.clone();
+        async move {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = dispatcher.stopped() => {}
+            }
+        }
+    };
 
     tokio::pin!(shutdown);
     let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
@@ -170,5 +180,8 @@ pub async fn run(
     for member in &members {
         member.consumer.unsubscribe();
     }
-    Ok(())
+    match dispatcher.fatal() {
+        Some(reason) => Err(anyhow::anyhow!(reason)),
+        None => Ok(()),
+    }
 }

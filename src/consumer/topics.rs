@@ -1,17 +1,32 @@
 //! Creating the topics the worker uses when they are missing.
 //!
 //! Guarantee: after [`ensure_topics`] returns `Ok`, the inbound, every delay and the
-//! dead-letter topic exist (existing ones are left exactly as they are).
+//! dead-letter topic exist, and the delay and dead-letter topics it created take any
+//! record the inbound topic takes, plus headers (existing topics are left exactly as
+//! they are; one with a smaller limit is reported at start-up).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::Settings;
 use crate::retry::policy::RetryPolicy;
+use crate::retry::publish::HEADER_ALLOWANCE;
+
+/// The topic setting that limits a record's size (a record batch's, to be exact).
+const RECORD_LIMIT: &str = "max.message.bytes";
+/// How long a topic's settings may be missing from the broker's description of it.
+const DESCRIBE_GRACE: Duration = Duration::from_secs(10);
+
+/// What the worker learnt of its topics at start-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopicLimits {
+    /// The largest record the inbound topic takes (its `max.message.bytes`).
+    pub inbound_record_bytes: usize,
+}
 
 /// The inbound topic, the delay topics in order, then the dead-letter topic.
 pub fn worker_topics(settings: &Settings) -> Vec<String> {
@@ -22,36 +37,116 @@ pub fn worker_topics(settings: &Settings) -> Vec<String> {
     topics
 }
 
-pub async fn ensure_topics(settings: &Settings) -> anyhow::Result<()> {
+/// Creates the missing topics: the inbound one first, then the others sized from it.
+pub async fn ensure_topics(settings: &Settings) -> anyhow::Result<TopicLimits> {
     let kafka = &settings.kafka;
     let admin: AdminClient<DefaultClientContext> = kafka
         .client_config()
         .create()
         .context("creating the Kafka admin client")?;
     let names = worker_topics(settings);
+    let (inbound, others) = names.split_first().expect("the inbound topic is first");
+    create_missing(&admin, settings, std::slice::from_ref(inbound), None).await?;
+    let inbound_record_bytes = record_limit(&admin, inbound).await?;
+    let needed = inbound_record_bytes + HEADER_ALLOWANCE;
+    let created = create_missing(&admin, settings, others, Some(needed)).await?;
+    for topic in others.iter().filter(|topic| !created.contains(topic)) {
+        let limit = record_limit(&admin, topic).await?;
+        if limit < needed {
+            tracing::warn!(%topic, limit, needed, "this topic takes smaller records than the \
+                inbound topic: a record it refuses is dead-lettered without its value; raise \
+                its max.message.bytes to keep whole records");
+        }
+    }
+    Ok(TopicLimits {
+        inbound_record_bytes,
+    })
+}
+
+/// Creates those of `names` that do not exist, with `record_bytes` as their limit when
+/// given (else the broker's default); returns the names it created.
+async fn create_missing(
+    admin: &AdminClient<DefaultClientContext>,
+    settings: &Settings,
+    names: &[String],
+    record_bytes: Option<usize>,
+) -> anyhow::Result<Vec<String>> {
+    let kafka = &settings.kafka;
+    let record_bytes = record_bytes.map(|bytes| bytes.to_string());
     let new_topics: Vec<NewTopic<'_>> = names
         .iter()
         .map(|name| {
-            NewTopic::new(
+            let topic = NewTopic::new(
                 name,
                 kafka.topic_partitions,
                 TopicReplication::Fixed(kafka.topic_replication),
-            )
+            );
+            match &record_bytes {
+                Some(bytes) => topic.set(RECORD_LIMIT, bytes),
+                None => topic,
+            }
         })
         .collect();
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let results = admin
-        .create_topics(&new_topics, &options)
+        .create_topics(&new_topics, &admin_options())
         .await
         .with_context(|| format!("creating topics at {}", kafka.brokers))?;
+    let mut created = Vec::new();
     for result in results {
         match result {
             Ok(topic) => {
-                tracing::info!(%topic, partitions = kafka.topic_partitions, "created topic")
+                tracing::info!(%topic, partitions = kafka.topic_partitions, record_bytes, "created topic");
+                created.push(topic);
             }
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => anyhow::bail!("creating topic {topic}: {code}"),
         }
     }
-    Ok(())
+    Ok(created)
+}
+
+/// The topic's `max.message.bytes`, as the broker applies it (its own default included).
+/// A topic created a moment ago may be described without its settings for a moment:
+/// asked again for up to [`DESCRIBE_GRACE`].
+async fn record_limit(
+    admin: &AdminClient<DefaultClientContext>,
+    topic: &str,
+) -> anyhow::Result<usize> {
+    let started = Instant::now();
+    loop {
+        let described = admin
+            .describe_configs(&[ResourceSpecifier::Topic(topic)], &admin_options())
+            .await
+            .with_context(|| format!("reading the configuration of topic {topic}"))?;
+        let config = described
+            .into_iter()
+            .next()
+            .context("the broker described no topic")?;
+        let value = match &config {
+            Ok(config) => config
+                .get(RECORD_LIMIT)
+                .and_then(|entry| entry.value.clone()),
+            Err(_) => None,
+        };
+        match value {
+            Some(value) => {
+                return value.parse().with_context(|| {
+                    format!("topic {topic}'s {RECORD_LIMIT} {value:?} is not a size")
+                })
+            }
+            None if started.elapsed() < DESCRIBE_GRACE => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            None => {
+                let cause = config
+                    .err()
+                    .map_or("not in its settings".to_string(), |c| c.to_string());
+                anyhow::bail!("reading {RECORD_LIMIT} of topic {topic}: {cause}")
+            }
+        }
+    }
+}
+
+fn admin_options() -> AdminOptions {
+    AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)))
 }

@@ -35,6 +35,7 @@ use sqlx::MySqlPool;
 
 pub use degraded::RedisHealth;
 pub use record::{now_millis, Job, Record};
+pub use route::DELAY_REFUSED_FQCN;
 pub use stage::BatchLimits;
 pub use write::DATABASE_REJECTED_FQCN;
 

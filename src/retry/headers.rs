@@ -19,6 +19,8 @@ pub const DLT_ORIGINAL_TIMESTAMP: &str = "kafka_dlt-original-timestamp";
 pub const DLT_ORIGINAL_CONSUMER_GROUP: &str = "kafka_dlt-original-consumer-group";
 pub const DLT_EXCEPTION_FQCN: &str = "kafka_dlt-exception-fqcn";
 pub const DLT_EXCEPTION_MESSAGE: &str = "kafka_dlt-exception-message";
+/// Longest `kafka_dlt-exception-message` the worker writes (a longer reason is cut).
+pub const MAX_EXCEPTION_MESSAGE_BYTES: usize = 4096;
 
 /// The main-topic record a retry or dead letter stems from; kept unchanged across hops.
 #[derive(Debug, Clone, PartialEq, Eq)]

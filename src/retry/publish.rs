@@ -3,14 +3,17 @@
 //! Guarantee: [`Publisher::publish`] returns only after the broker acknowledged the
 //! record (idempotent producer, `acks=all`), so the caller may then store the source
 //! offset: a crash before the ack replays the source record, never loses it. The
-//! original key and value travel unchanged.
+//! original key and value travel unchanged. A failure says what the caller can do
+//! about it ([`PublishError`]): try again, publish something else, or stop.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
 
 use super::headers::RetryHeaders;
 use crate::config::KafkaSettings;
@@ -20,6 +23,114 @@ use crate::message::UserKey;
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long reading a topic's partition count may take.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a topic may be missing from the broker's metadata before it counts as gone
+/// (a topic created a moment ago may take a moment to appear everywhere).
+const MISSING_TOPIC_GRACE: Duration = Duration::from_secs(10);
+/// Room for a record's headers and framing on top of the inbound topic's record limit:
+/// the contract's headers are a few hundred bytes, the exception message is cut to
+/// `headers::MAX_EXCEPTION_MESSAGE_BYTES`.
+pub const HEADER_ALLOWANCE: usize = 64 * 1024;
+/// librdkafka's largest `message.max.bytes`.
+const LIBRDKAFKA_MAX_MESSAGE_BYTES: usize = 1_000_000_000;
+
+/// Why a publish failed, by what the caller can do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// Worth sending again as it is: the broker is away, slow or moving.
+    #[error("publishing to {topic}: {source}")]
+    Retryable {
+        topic: String,
+        #[source]
+        source: anyhow::Error,
+    },
+    /// The topic refuses this record as it is (too large, invalid): sending it again
+    /// changes nothing, sending something else may work.
+    #[error("{topic} refused the record: {source}")]
+    Refused {
+        topic: String,
+        #[source]
+        source: KafkaError,
+    },
+    /// Nothing can be published there until an operator acts (authorization, a topic
+    /// that is gone): the worker stops instead of trying forever.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// What a librdkafka error code says about sending to a topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cause {
+    /// This record is refused; another may not be.
+    RecordRefused,
+    /// The worker may not publish (credentials, ACLs, a fatal producer state).
+    NotAllowed,
+    /// The topic or partition is not there.
+    TopicMissing,
+    /// Anything else: the broker is away, slow or moving.
+    Transient,
+}
+
+fn cause_of(code: Option<RDKafkaErrorCode>) -> Cause {
+    use RDKafkaErrorCode as Code;
+    match code {
+        Some(
+            Code::MessageSizeTooLarge
+            | Code::MessageBatchTooLarge
+            | Code::InvalidMessageSize
+            | Code::InvalidRecord,
+        ) => Cause::RecordRefused,
+        Some(
+            Code::TopicAuthorizationFailed
+            | Code::ClusterAuthorizationFailed
+            | Code::SaslAuthenticationFailed
+            | Code::Authentication
+            | Code::Fatal,
+        ) => Cause::NotAllowed,
+        Some(
+            Code::UnknownTopic
+            | Code::UnknownTopicOrPartition
+            | Code::UnknownPartition
+            | Code::InvalidTopic,
+        ) => Cause::TopicMissing,
+        _ => Cause::Transient,
+    }
+}
+
+impl PublishError {
+    /// Classifies a failed send to `topic` by its librdkafka error code.
+    fn from_kafka(topic: &str, error: KafkaError) -> Self {
+        match cause_of(error.rdkafka_error_code()) {
+            Cause::RecordRefused => Self::Refused {
+                topic: topic.to_string(),
+                source: error,
+            },
+            Cause::NotAllowed => Self::Fatal(format!(
+                "publishing to {topic} is not allowed ({error}): check the worker's Kafka \
+                 credentials and ACLs"
+            )),
+            Cause::TopicMissing => Self::missing_topic(topic),
+            Cause::Transient => Self::Retryable {
+                topic: topic.to_string(),
+                source: error.into(),
+            },
+        }
+    }
+
+    fn missing_topic(topic: &str) -> Self {
+        Self::Fatal(format!(
+            "topic {topic} does not exist: the worker creates its topics at start-up, so \
+             it was deleted or renamed since; restart the worker to create it again"
+        ))
+    }
+
+    /// The fatal publish failure in `error`'s chain, if there is one.
+    pub fn fatal_in(error: &anyhow::Error) -> Option<&str> {
+        error.chain().find_map(|cause| match cause.downcast_ref() {
+            Some(PublishError::Fatal(reason)) => Some(reason.as_str()),
+            _ => None,
+        })
+    }
+}
 
 /// The key and value of a record to publish (each as the source record had it).
 #[derive(Debug, Clone, Copy)]
@@ -36,9 +147,13 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    pub fn new(settings: &KafkaSettings) -> anyhow::Result<Self> {
+    /// A producer for records of up to `record_limit` bytes (the inbound topic's limit)
+    /// plus their headers.
+    pub fn new(settings: &KafkaSettings, record_limit: usize) -> anyhow::Result<Self> {
+        let max_message_bytes = (record_limit + HEADER_ALLOWANCE).min(LIBRDKAFKA_MAX_MESSAGE_BYTES);
         let producer = settings
             .client_config()
+            .set("message.max.bytes", max_message_bytes.to_string())
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set(
@@ -63,42 +178,10 @@ impl Publisher {
         record: Payload<'_>,
         headers: &RetryHeaders,
         user: &UserKey,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), PublishError> {
         let count = self.partition_count(topic).await?;
         let partition = (stable_hash(user) % count as u64) as i32;
         self.send(topic, Some(partition), record, headers).await
-    }
-
-    async fn partition_count(&self, topic: &str) -> anyhow::Result<i32> {
-        if let Some(count) = self.partitions.lock().expect("partitions lock").get(topic) {
-            return Ok(*count);
-        }
-        let producer = self.producer.clone();
-        let name = topic.to_string();
-        // librdkafka's metadata call blocks: keep it off the async workers.
-        let count = tokio::task::spawn_blocking(move || {
-            let metadata = producer
-                .client()
-                .fetch_metadata(Some(&name), METADATA_TIMEOUT)?;
-            anyhow::Ok(
-                metadata
-                    .topics()
-                    .first()
-                    .map_or(0, |t| t.partitions().len()) as i32,
-            )
-        })
-        .await
-        .context("metadata task failed")?
-        .with_context(|| format!("reading the partitions of {topic}"))?;
-        anyhow::ensure!(
-            count > 0,
-            "topic {topic} has no partitions (does it exist?)"
-        );
-        self.partitions
-            .lock()
-            .expect("partitions lock")
-            .insert(topic.to_string(), count);
-        Ok(count)
     }
 
     /// Sends `record`'s key and value to `topic` with `headers` and waits for the ack.
@@ -107,8 +190,67 @@ impl Publisher {
         topic: &str,
         record: Payload<'_>,
         headers: &RetryHeaders,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), PublishError> {
+        // Asked first so a topic that is gone is reported at once, not after librdkafka
+        // waited for it to appear.
+        self.partition_count(topic).await?;
         self.send(topic, None, record, headers).await
+    }
+
+    /// The topic's partition count, read once; a topic still missing after
+    /// [`MISSING_TOPIC_GRACE`] is fatal.
+    async fn partition_count(&self, topic: &str) -> Result<i32, PublishError> {
+        if let Some(count) = self.partitions.lock().expect("partitions lock").get(topic) {
+            return Ok(*count);
+        }
+        let missing_since = Instant::now();
+        let count = loop {
+            match self.read_partition_count(topic).await {
+                Ok(Some(count)) => break count,
+                Ok(None) if missing_since.elapsed() < MISSING_TOPIC_GRACE => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Ok(None) => return Err(PublishError::missing_topic(topic)),
+                Err(error) => return Err(error),
+            }
+        };
+        self.partitions
+            .lock()
+            .expect("partitions lock")
+            .insert(topic.to_string(), count);
+        Ok(count)
+    }
+
+    /// The topic's partition count from the broker's metadata; `None` if it has none.
+    async fn read_partition_count(&self, topic: &str) -> Result<Option<i32>, PublishError> {
+        let producer = self.producer.clone();
+        let name = topic.to_string();
+        // librdkafka's metadata call blocks: keep it off the async workers.
+        let metadata = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(Some(&name), METADATA_TIMEOUT)
+        })
+        .await
+        .map_err(|error| PublishError::Retryable {
+            topic: topic.to_string(),
+            source: anyhow::Error::new(error).context("metadata task failed"),
+        })?
+        .map_err(|error| PublishError::from_kafka(topic, error))?;
+        let Some(found) = metadata.topics().first() else {
+            return Ok(None);
+        };
+        if let Some(error) = found.error() {
+            let code = RDKafkaErrorCode::from(error);
+            if cause_of(Some(code)) == Cause::TopicMissing {
+                return Ok(None);
+            }
+            return Err(PublishError::from_kafka(
+                topic,
+                KafkaError::MetadataFetch(code),
+            ));
+        }
+        Ok(Some(found.partitions().len() as i32).filter(|count| *count > 0))
     }
 
     async fn send(
@@ -117,7 +259,7 @@ impl Publisher {
         partition: Option<i32>,
         record: Payload<'_>,
         headers: &RetryHeaders,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), PublishError> {
         let mut out: FutureRecord<'_, [u8], [u8]> =
             FutureRecord::to(topic).headers(headers.to_headers());
         if let Some(partition) = partition {
@@ -132,8 +274,7 @@ impl Publisher {
         self.producer
             .send(out, DELIVERY_TIMEOUT)
             .await
-            .map_err(|(error, _)| error)
-            .with_context(|| format!("publishing to {topic}"))?;
+            .map_err(|(error, _)| PublishError::from_kafka(topic, error))?;
         Ok(())
     }
 }
@@ -151,6 +292,49 @@ fn stable_hash(user: &UserKey) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_record_a_denied_or_missing_topic_and_a_broker_hiccup_are_told_apart() {
+        use RDKafkaErrorCode as Code;
+        let refused = |code| {
+            matches!(
+                PublishError::from_kafka("t", KafkaError::MessageProduction(code)),
+                PublishError::Refused { .. }
+            )
+        };
+        let fatal = |code| match PublishError::from_kafka("t", KafkaError::MessageProduction(code))
+        {
+            PublishError::Fatal(reason) => reason,
+            other => panic!("{code:?} is not fatal: {other}"),
+        };
+        let retryable = |code| {
+            matches!(
+                PublishError::from_kafka("t", KafkaError::MessageProduction(code)),
+                PublishError::Retryable { .. }
+            )
+        };
+        assert!(refused(Code::MessageSizeTooLarge));
+        assert!(refused(Code::InvalidRecord));
+        assert!(fatal(Code::TopicAuthorizationFailed).contains("not allowed"));
+        assert!(fatal(Code::UnknownTopic).contains("topic t does not exist"));
+        assert!(fatal(Code::UnknownTopicOrPartition).contains("does not exist"));
+        assert!(retryable(Code::MessageTimedOut));
+        assert!(retryable(Code::AllBrokersDown));
+        assert!(retryable(Code::NotLeaderForPartition));
+    }
+
+    #[test]
+    fn a_fatal_failure_is_found_under_any_context() {
+        let error = anyhow::Error::new(PublishError::Fatal("gone".into()))
+            .context("routing")
+            .context("processing");
+        assert_eq!(PublishError::fatal_in(&error), Some("gone"));
+        let retryable = anyhow::Error::new(PublishError::Retryable {
+            topic: "t".into(),
+            source: anyhow::anyhow!("timed out"),
+        });
+        assert_eq!(PublishError::fatal_in(&retryable), None);
+    }
 
     #[test]
     fn stable_hash_is_fixed_and_separates_fields() {

@@ -161,6 +161,7 @@ async fn metrics_list_every_family_when_idle_and_count_a_known_run_exactly() {
         "im_ingest_backpressure",
         "im_ingest_held_partitions",
         "im_ingest_retry_headers_distrusted_total",
+        "im_ingest_dead_letter_stubs_total",
         "im_ingest_offset_resets_total",
         "im_ingest_processing_seconds",
         "im_ingest_retry_lateness_seconds",

@@ -139,9 +139,9 @@ async fn redis_stopped_then_hung_mid_run_loses_and_doubles_nothing_and_degraded_
     settings.redis.probe_interval_ms = 200;
     im_ingest::store::migrate(&settings.database).await.unwrap();
     create_topics(&env).await;
-    consumer::ensure_topics(&settings).await.unwrap();
+    let topics = consumer::ensure_topics(&settings).await.unwrap();
     metrics_handle();
-    let pipeline = build_pipeline(&settings).await.unwrap();
+    let pipeline = build_pipeline(&settings, &topics).await.unwrap();
     let pool = pipeline.pool.clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let topics = consumer_subscriptions(&settings);

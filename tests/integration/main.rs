@@ -9,6 +9,7 @@ mod cli_config;
 #[cfg(feature = "failpoints")]
 mod crash_points;
 mod db_proxy;
+mod dead_letters;
 mod deploy;
 mod faults;
 mod group;

@@ -53,8 +53,8 @@ async fn setup_with(delays_ms: &[u64], max_attempts: u32) -> (WorkerEnv, Pipelin
     settings.retry.delays_ms = delays_ms.to_vec();
     settings.retry.max_attempts = max_attempts;
     im_ingest::store::migrate(&settings.database).await.unwrap();
-    ensure_topics(&settings).await.unwrap();
-    let pipeline = build_pipeline(&settings).await.unwrap();
+    let topics = ensure_topics(&settings).await.unwrap();
+    let pipeline = build_pipeline(&settings, &topics).await.unwrap();
     let pool = pipeline.pool.clone();
     (env, pipeline, pool)
 }
@@ -373,8 +373,8 @@ async fn lock_traffic_of_one_user_batch(count: i64, lease_ms: u64) -> (u64, Vec<
     settings.redis.url = im_ingest::secret::SecretUrl::new(redis.url());
     settings.lock.lease_ms = lease_ms;
     im_ingest::store::migrate(&settings.database).await.unwrap();
-    ensure_topics(&settings).await.unwrap();
-    let pipeline = build_pipeline(&settings).await.unwrap();
+    let topics = ensure_topics(&settings).await.unwrap();
+    let pipeline = build_pipeline(&settings, &topics).await.unwrap();
     let user = unique("batched");
     let records = (0..count)
         .map(|n| record(&env.inbound, n, &payload(&user, &format!("b{n}"))))

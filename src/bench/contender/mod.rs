@@ -153,9 +153,15 @@ pub async fn run(
             _ = &mut shutdown => break,
             message = consumer.recv() => message,
         };
-        let mut batch = vec![Record::from_message(
-            &first.context("Kafka consumer error")?,
-        )];
+        // A topic created a moment ago may be reported unknown at first: not fatal.
+        let first = match first {
+            Ok(message) => message,
+            Err(error) => {
+                tracing::warn!(%error, "Kafka consumer error");
+                continue;
+            }
+        };
+        let mut batch = vec![Record::from_message(&first)];
         let linger_until = Instant::now() + LINGER;
         while batch.len() < batch_rows {
             let left = linger_until.saturating_duration_since(Instant::now());

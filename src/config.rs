@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
 use figment::providers::{Format, Toml};
@@ -285,8 +286,12 @@ impl Default for WorkerSettings {
 pub struct LockSettings {
     /// Whether records take the per-user Redis lock before they are written.
     pub mode: LockMode,
-    /// Lease of a per-user lock; extended every third of it while work runs.
+    /// Lease of a per-user lock; extended every third of it while the hold lasts.
     pub lease_ms: u64,
+    /// Longest time one batch holds a user's lock: a write that would still run after it
+    /// is not started, its messages go through the delay topics as a new attempt.
+    /// Unset: a quarter of `lease_ms`.
+    pub max_hold_ms: Option<u64>,
 }
 
 impl Default for LockSettings {
@@ -294,7 +299,26 @@ impl Default for LockSettings {
         Self {
             mode: LockMode::Redis,
             lease_ms: 10_000,
+            max_hold_ms: None,
         }
+    }
+}
+
+impl LockSettings {
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms)
+    }
+
+    /// `max_hold_ms`, or a quarter of the lease.
+    pub fn max_hold(&self) -> Duration {
+        Duration::from_millis(self.max_hold_ms.unwrap_or(self.lease_ms / 4))
+    }
+
+    /// The database sessions' `innodb_lock_wait_timeout`: a statement waits for a row
+    /// lock no longer than the hold lasts (whole seconds, at least 1), far inside the
+    /// lease, even when the worker's own interrupt (`worker.write_stall_ms`) fails.
+    pub fn row_lock_wait_secs(&self) -> u64 {
+        (self.max_hold().as_millis() as u64 / 1000).max(1)
     }
 }
 
@@ -509,6 +533,40 @@ fn insert_nested(dict: &mut Dict, path: &[String], value: Value) {
 }
 
 impl Settings {
+    /// The lock hold against the lease, the write stall limit and the retry delays.
+    fn validate_hold(&self) -> anyhow::Result<()> {
+        let (hold, lease) = (self.lock.max_hold(), self.lock.lease());
+        let stall = Duration::from_millis(self.worker.write_stall_ms);
+        anyhow::ensure!(
+            hold < lease,
+            "invalid configuration: `lock.max_hold_ms` ({} ms) must be below `lock.lease_ms` \
+             ({} ms): a hold must end before its lease can",
+            hold.as_millis(),
+            lease.as_millis()
+        );
+        anyhow::ensure!(
+            hold > stall,
+            "invalid configuration: the lock hold ({} ms, `lock.max_hold_ms`, by default a \
+             quarter of `lock.lease_ms`) must be longer than `worker.write_stall_ms` ({} ms): \
+             no write may start that could outlast its hold",
+            hold.as_millis(),
+            stall.as_millis()
+        );
+        let policy = crate::retry::policy::RetryPolicy::from_settings(&self.retry);
+        if let Some(last) = policy.delay_before_last_attempt() {
+            anyhow::ensure!(
+                last >= hold,
+                "invalid configuration: the delay before a record's last attempt ({} ms, \
+                 from `retry.delays_ms` and `retry.max_attempts`) is shorter than the lock \
+                 hold ({} ms, `lock.max_hold_ms`): a busy holder met at both of the last \
+                 attempts would be taken for a stuck one and valid records dead-lettered",
+                last.as_millis(),
+                hold.as_millis()
+            );
+        }
+        Ok(())
+    }
+
     /// Cross-field and value checks that serde's types cannot express.
     pub fn validate(&self) -> anyhow::Result<()> {
         let kafka = &self.kafka;
@@ -611,7 +669,7 @@ impl Settings {
             self.kafka.topic_partitions >= 1 && self.kafka.topic_replication >= 1,
             "invalid configuration: `kafka.topic_partitions` and `kafka.topic_replication` must be at least 1"
         );
-        Ok(())
+        self.validate_hold()
     }
 }
 
@@ -769,12 +827,60 @@ mod tests {
 
     #[test]
     fn retry_delays_come_as_a_list_from_a_file_or_comma_separated_from_the_environment() {
-        let s = load_with("[retry]\ndelays_ms = [100, 200]\n", &[]).unwrap();
+        let short_holds = "[lock]\nmax_hold_ms = 200\n[worker]\nwrite_stall_ms = 100\n";
+        let s = load_with(
+            &format!("[retry]\ndelays_ms = [100, 200]\n{short_holds}"),
+            &[],
+        )
+        .unwrap();
         assert_eq!(s.retry.delays_ms, [100, 200]);
         let s = load_with("", &[("RETRY__DELAYS_MS", "50, 500,5000")]).unwrap();
         assert_eq!(s.retry.delays_ms, [50, 500, 5000]);
         let err = load_with("", &[("RETRY__DELAYS_MS", "50,soon")]).unwrap_err();
         assert!(format!("{err:#}").contains("retry.delays_ms"), "{err:#}");
+    }
+
+    #[test]
+    fn the_lock_hold_defaults_to_a_quarter_of_the_lease_and_sets_the_row_lock_wait() {
+        let s = load_with("", &[]).unwrap();
+        assert_eq!(s.lock.max_hold(), Duration::from_millis(2_500));
+        assert_eq!(s.lock.row_lock_wait_secs(), 2);
+        let s = load_with("", &[("LOCK__MAX_HOLD_MS", "900")]).unwrap();
+        assert_eq!(s.lock.max_hold(), Duration::from_millis(900));
+        assert_eq!(s.lock.row_lock_wait_secs(), 1, "at least one second");
+    }
+
+    #[test]
+    fn a_hold_outside_the_lease_or_the_stall_limit_or_longer_than_the_last_delay_is_refused() {
+        let refusal = |env: &[(&str, &str)]| format!("{:#}", load_with("", env).unwrap_err());
+        let error = refusal(&[("LOCK__MAX_HOLD_MS", "10000")]);
+        assert!(error.contains("must be below `lock.lease_ms`"), "{error}");
+        let error = refusal(&[("LOCK__MAX_HOLD_MS", "300")]);
+        assert!(
+            error.contains("longer than `worker.write_stall_ms`"),
+            "{error}"
+        );
+        // Attempt 4 follows the 200 ms delay; a 2.5 s hold can span it.
+        let error = refusal(&[
+            ("RETRY__DELAYS_MS", "100,200"),
+            ("RETRY__MAX_ATTEMPTS", "4"),
+        ]);
+        assert!(
+            error.contains("delay before a record's last attempt (200 ms")
+                && error.contains("lock hold (2500 ms"),
+            "{error}"
+        );
+        // With a hold as short as that delay, the same delays are accepted.
+        load_with(
+            "",
+            &[
+                ("RETRY__DELAYS_MS", "100,200"),
+                ("RETRY__MAX_ATTEMPTS", "4"),
+                ("LOCK__MAX_HOLD_MS", "200"),
+                ("WORKER__WRITE_STALL_MS", "100"),
+            ],
+        )
+        .unwrap();
     }
 
     #[test]

@@ -3,14 +3,15 @@
 //! Guarantee: a key is taken with `SET key <random token> NX PX <lease>`; it is deleted
 //! or extended only by the holder of its token (compare-and-delete, compare-then-PEXPIRE,
 //! each one atomic Lua script), so a holder whose lease expired can never remove or
-//! prolong the next holder's lock. While work runs, a [`LockGuard`] extends the lease
-//! every third of it. The lock is an efficiency device, not the duplicate guarantee: a
-//! process paused past its lease loses the lock without knowing — the unique indexes
-//! are what keep data single.
+//! prolong the next holder's lock. A [`LockGuard`] extends the lease every third of it,
+//! but only until its hold ends (`lock.max_hold_ms` after it was taken): no lease
+//! outlives its use by more than one lease, whatever the holder does. The lock is an
+//! efficiency device, not the duplicate guarantee: a process paused past its lease
+//! loses the lock without knowing — the unique indexes are what keep data single.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -62,6 +63,8 @@ pub enum Acquire {
 pub struct LockClient {
     connection: ConnectionManager,
     lease: Duration,
+    /// How long a guard's keeper extends the lease after the lock was taken.
+    max_hold: Duration,
     release: Arc<Script>,
     extend: Arc<Script>,
 }
@@ -70,6 +73,7 @@ impl std::fmt::Debug for LockClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LockClient")
             .field("lease", &self.lease)
+            .field("max_hold", &self.max_hold)
             .finish()
     }
 }
@@ -77,8 +81,13 @@ impl std::fmt::Debug for LockClient {
 impl LockClient {
     /// Creates the client; the connection is made lazily, on first use, so a Redis that is
     /// down at start-up does not stop the process. Every command is bounded by the
-    /// configured connect and response timeouts.
-    pub fn new(settings: &RedisSettings, lease: Duration) -> anyhow::Result<Self> {
+    /// configured connect and response timeouts. A held lock's lease is extended until
+    /// `max_hold` after it was taken.
+    pub fn new(
+        settings: &RedisSettings,
+        lease: Duration,
+        max_hold: Duration,
+    ) -> anyhow::Result<Self> {
         let client = redis::Client::open(settings.url.expose())
             .with_context(|| format!("invalid Redis URL {}", settings.url))?;
         let config = ConnectionManagerConfig::new()
@@ -90,6 +99,7 @@ impl LockClient {
         Ok(Self {
             connection,
             lease,
+            max_hold,
             release: Arc::new(Script::new(RELEASE_SCRIPT)),
             extend: Arc::new(Script::new(EXTEND_SCRIPT)),
         })
@@ -99,10 +109,9 @@ impl LockClient {
         self.lease
     }
 
-    /// How long one holder may keep a lock across several records before giving it
-    /// back: a quarter of the lease, well inside the two thirds its keeper guarantees.
-    pub fn longest_hold(&self) -> Duration {
-        self.lease / 4
+    /// How long one holder keeps a lock before its work is left to a later attempt.
+    pub fn max_hold(&self) -> Duration {
+        self.max_hold
     }
 
     /// One round trip: `SET NX PX` and, for the case it fails, `PTTL` and `GET` of the
@@ -258,8 +267,8 @@ impl LockClient {
 }
 
 /// A held lock. Its lease is extended in the background (every third of the lease)
-/// until [`LockGuard::release`] or drop; dropping without release stops the extension
-/// and leaves the key to expire.
+/// until [`LockGuard::release`], drop, or the end of the hold; dropping without release
+/// stops the extension and leaves the key to expire.
 #[derive(Debug)]
 pub struct LockGuard {
     client: LockClient,
@@ -297,10 +306,16 @@ impl Drop for LockGuard {
     }
 }
 
+/// Extends the lease every third of it while the hold lasts, then stops: the key
+/// expires one lease after the last extension unless it is released first.
 async fn keep_lease(client: LockClient, key: String, token: String, lost: Arc<AtomicBool>) {
     let period = client.lease / 3;
+    let hold_ends = Instant::now() + client.max_hold;
     loop {
         tokio::time::sleep(period).await;
+        if Instant::now() >= hold_ends {
+            return;
+        }
         fail::fail_point!("in_lease_extension", |_| crate::failpoint::crash(
             "in_lease_extension"
         ));

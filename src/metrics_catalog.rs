@@ -165,6 +165,14 @@ pub fn register_all() {
         metrics::counter!("im_ingest_retry_headers_distrusted_total", "reason" => reason)
             .increment(0);
     }
+    describe_counter!(
+        "im_ingest_abandoned_writes_total",
+        "Messages not written under a lock whose hold would have ended (hold_exceeded) or \
+         whose lease was lost (lease_lost), sent through the delay topics instead"
+    );
+    for reason in ["hold_exceeded", "lease_lost"] {
+        metrics::counter!("im_ingest_abandoned_writes_total", "reason" => reason).increment(0);
+    }
     describe_gauge!(
         "im_ingest_assigned_partitions",
         "Partitions of each consumed topic this instance holds"

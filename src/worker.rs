@@ -24,25 +24,15 @@ use crate::store;
 /// Builds the processing step from the settings (database pool, lock client, producer);
 /// `topics` is what [`consumer::ensure_topics`] found.
 pub async fn build_pipeline(settings: &Settings, topics: &TopicLimits) -> anyhow::Result<Pipeline> {
-    let pool = store::connect(&settings.database).await?;
+    let pool =
+        store::connect_for_writes(&settings.database, settings.lock.row_lock_wait_secs()).await?;
     let locks = LockClient::new(
         &settings.redis,
-        Duration::from_millis(settings.lock.lease_ms),
+        settings.lock.lease(),
+        settings.lock.max_hold(),
     )?;
     let publisher = Publisher::new(&settings.kafka, topics.inbound_record_bytes)?;
     let policy = RetryPolicy::from_settings(&settings.retry);
-    let longest_hold = locks.longest_hold();
-    if let Some(last) = policy.delay_before_last_attempt() {
-        if last < longest_hold {
-            tracing::warn!(
-                last_delay_ms = last.as_millis() as u64,
-                longest_hold_ms = longest_hold.as_millis() as u64,
-                "the delay before a record's last attempt is shorter than a quarter of the \
-                 lock lease: a busy holder may be taken for a stuck one and valid records \
-                 dead-lettered"
-            );
-        }
-    }
     Ok(Pipeline::new(
         pool,
         locks,

@@ -11,7 +11,7 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -58,6 +58,8 @@ pub(super) enum Step {
 pub(super) struct Pending {
     pub jobs: Vec<Arc<Job>>,
     pub steps: Vec<Step>,
+    /// The user's lock, while this batch holds it.
+    pub guard: Option<LockGuard>,
     pauses_left: u32,
     reply: oneshot::Sender<UnitReply>,
 }
@@ -105,12 +107,17 @@ impl Stages {
     pub async fn run(&self, mut connection: BatchConnection, units: Vec<Unit>) {
         let mut batch: Vec<Pending> = units.into_iter().map(|unit| self.classify(unit)).collect();
         let started = Instant::now();
-        let guards = self.lock(&mut batch).await;
+        self.lock(&mut batch).await;
         timed("lock", started);
+        // The hold counts from before the locks were asked for: it never ends later
+        // than `lock.max_hold_ms` after any of them was taken.
+        let holds = batch.iter().any(|pending| pending.guard.is_some());
+        connection.set_hold_end(holds.then(|| started + self.locks.max_hold()));
         let started = Instant::now();
         self.write(&mut connection, &mut batch).await;
         timed("write", started);
         let started = Instant::now();
+        let guards = batch.iter_mut().filter_map(|p| p.guard.take()).collect();
         self.release(guards).await;
         timed("release", started);
         let started = Instant::now();
@@ -146,6 +153,7 @@ impl Stages {
         Pending {
             jobs: unit.jobs,
             steps,
+            guard: None,
             pauses_left: unit.pauses_left,
             reply: unit.reply,
         }
@@ -153,16 +161,16 @@ impl Stages {
 
     /// Takes the lock of every user with something to write, in one round trip. A user
     /// batch whose lock is held elsewhere is answered `LockHeld` while it may still
-    /// pause, or its messages are routed on (see [`Stages::lock_held`]). Returns the
-    /// locks taken.
-    async fn lock(&self, batch: &mut Vec<Pending>) -> Vec<LockGuard> {
+    /// pause, or its messages are routed on (see [`Stages::lock_held`]). Each lock taken
+    /// is kept in its user batch.
+    async fn lock(&self, batch: &mut Vec<Pending>) {
         let wanting: Vec<(usize, UserKey)> = batch
             .iter()
             .enumerate()
             .filter_map(|(index, pending)| pending.user().map(|user| (index, user)))
             .collect();
         if wanting.is_empty() || self.lock_mode == LockMode::None {
-            return Vec::new();
+            return;
         }
         let unlocked_writes = || {
             let writes = batch.iter().map(|p| p.to_write().count()).sum::<usize>();
@@ -170,7 +178,7 @@ impl Stages {
         };
         if !self.redis_health.should_try_lock(Instant::now()) {
             unlocked_writes();
-            return Vec::new();
+            return;
         }
         let users: Vec<UserKey> = wanting.iter().map(|(_, user)| user.clone()).collect();
         let answers = match self.locks.acquire_many(&users).await {
@@ -178,15 +186,14 @@ impl Stages {
             Err(error) => {
                 self.redis_health.record_failure(Instant::now(), &error);
                 unlocked_writes();
-                return Vec::new();
+                return;
             }
         };
         self.redis_health.record_success();
-        let mut guards = Vec::new();
         let mut waiting = Vec::new();
         for ((index, _), answer) in wanting.into_iter().zip(answers) {
             match answer {
-                Acquire::Acquired(guard) => guards.push(guard),
+                Acquire::Acquired(guard) => batch[index].guard = Some(guard),
                 Acquire::HeldElsewhere { .. } if batch[index].pauses_left > 0 => {
                     waiting.push(index);
                 }
@@ -205,7 +212,6 @@ impl Stages {
         for index in waiting.into_iter().rev() {
             let _ = batch.swap_remove(index).reply.send(UnitReply::LockHeld);
         }
-        guards
     }
 
     /// A message whose lock is held elsewhere, with no in-process pause left: to the
@@ -227,11 +233,12 @@ impl Stages {
                 attempts,
                 wait,
             } => {
-                let topic = RetryPolicy::topic_for(&self.retry_topic_prefix, delay);
-                let due_at = super::now_millis() + wait.as_millis() as i64;
                 let reason = lock_held_message("user lock held elsewhere", holder);
-                Step::Route(Box::new(Route::delay(
-                    job, topic, attempts, due_at, &reason,
+                Step::Route(Box::new(self.delay_route(
+                    job,
+                    (delay, attempts, wait),
+                    LOCK_HELD_FQCN,
+                    &reason,
                 )))
             }
             NextStep::DeadLetter { .. }
@@ -258,6 +265,20 @@ impl Stages {
                 )))
             }
         }
+    }
+
+    /// The route of a message to the delay topic of `delay`, as attempt `attempts`, due
+    /// after `wait` (a [`NextStep::Delay`]).
+    pub(super) fn delay_route(
+        &self,
+        job: &Job,
+        (delay, attempts, wait): (Duration, u32, Duration),
+        fqcn: &str,
+        reason: &str,
+    ) -> Route {
+        let topic = RetryPolicy::topic_for(&self.retry_topic_prefix, delay);
+        let due_at = super::now_millis() + wait.as_millis() as i64;
+        Route::delay(job, topic, attempts, due_at, fqcn, reason)
     }
 
     /// Gives every lock back in one round trip. A failure only leaves the keys to

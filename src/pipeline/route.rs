@@ -38,10 +38,18 @@ pub(super) struct Route {
 }
 
 impl Route {
-    /// To the delay topic `topic`, due at `due_at` (epoch ms), as attempt `attempts`.
-    pub fn delay(job: &Job, topic: String, attempts: u32, due_at: i64, reason: &str) -> Self {
+    /// To the delay topic `topic`, due at `due_at` (epoch ms), as attempt `attempts`,
+    /// with the error class `fqcn` and the reason.
+    pub fn delay(
+        job: &Job,
+        topic: String,
+        attempts: u32,
+        due_at: i64,
+        fqcn: &str,
+        reason: &str,
+    ) -> Self {
         Self {
-            headers: headers(job, attempts, due_at, super::LOCK_HELD_FQCN, reason),
+            headers: headers(job, attempts, due_at, fqcn, reason),
             user: job.user(),
             outcome: Outcome::Delayed {
                 topic: topic.clone(),

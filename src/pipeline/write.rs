@@ -10,15 +10,58 @@
 //! unsettled (its caller processes them again with a growing pause) without holding
 //! up the rest. A message whose rows the database refuses (see [`is_refusal`]) goes to
 //! the dead-letter topic as `im_ingest::DatabaseRejected` with the database's reason;
-//! the partition moves on and no other record is lost.
+//! the partition moves on and no other record is lost. Under a user lock, no
+//! transaction starts that could outlast the batch's hold (`lock.max_hold_ms`), and a
+//! user batch whose lease was lost writes nothing more: their messages go through the
+//! delay topics as a new attempt (`im_ingest::HoldExceeded`, `im_ingest::LeaseLost`),
+//! or, with no attempt left, stay unsettled for their caller to process again.
 
 use super::batch::{Pending, Stages, Step};
 use super::route::Route;
 use super::{Job, Outcome};
+use crate::lock::LockGuard;
+use crate::retry::policy::NextStep;
 use crate::store::{self, BatchConnection, BatchItem, BatchWriteError, Provenance, WriteOutcome};
 
 /// Error class of messages whose rows the database refuses (DESIGN.md, "Dead-letter").
 pub const DATABASE_REJECTED_FQCN: &str = "im_ingest::DatabaseRejected";
+
+/// Why a user batch's writes were left to a later attempt.
+#[derive(Debug, Clone, Copy)]
+enum Abandoned {
+    /// The next transaction could have run past the end of the lock's hold.
+    HoldExceeded,
+    /// The lease was lost: another holder may be writing this user now.
+    LeaseLost,
+}
+
+impl Abandoned {
+    /// The error class the delay records carry.
+    fn fqcn(self) -> &'static str {
+        match self {
+            Abandoned::HoldExceeded => "im_ingest::HoldExceeded",
+            Abandoned::LeaseLost => "im_ingest::LeaseLost",
+        }
+    }
+
+    /// The `reason` label of `im_ingest_abandoned_writes_total`.
+    fn label(self) -> &'static str {
+        match self {
+            Abandoned::HoldExceeded => "hold_exceeded",
+            Abandoned::LeaseLost => "lease_lost",
+        }
+    }
+
+    fn reason(self, max_hold: std::time::Duration) -> String {
+        match self {
+            Abandoned::HoldExceeded => format!(
+                "the write could outlast the user lock's hold of {} ms (lock.max_hold_ms)",
+                max_hold.as_millis()
+            ),
+            Abandoned::LeaseLost => "the user lock's lease was lost before the write".into(),
+        }
+    }
+}
 
 impl Stages {
     /// Writes every message of the batch that is to be written; see the module guarantee.
@@ -30,6 +73,10 @@ impl Stages {
             return;
         }
         crate::failpoint::delay("slow_db_write").await;
+        let writers: Vec<usize> = writers
+            .into_iter()
+            .filter(|unit| !self.abandon_if_lease_lost(&mut batch[*unit]))
+            .collect();
         // A user whose last write stalled is written alone, so a row lock held outside
         // does not hold up every batch the user's retries join.
         let (alone, together): (Vec<usize>, Vec<usize>) = writers
@@ -114,6 +161,9 @@ impl Stages {
     /// Writes one user batch's messages in one transaction (retried in place after a
     /// deadlock or a race).
     async fn write_unit(&self, connection: &mut BatchConnection, pending: &mut Pending) {
+        if self.abandon_if_lease_lost(pending) {
+            return;
+        }
         let own = provenances(pending);
         let written = {
             let items: Vec<BatchItem<'_>> = items(pending, &own).collect();
@@ -129,7 +179,57 @@ impl Stages {
                 }
             }
             Err(error) if is_refusal(&error) => self.isolate(connection, pending, own).await,
+            Err(BatchWriteError::WouldOutlastHold) => {
+                self.abandon(pending, Abandoned::HoldExceeded)
+            }
             Err(error) => unsettle_from(pending, own.first().map(|(i, _)| *i), error),
+        }
+    }
+
+    /// Abandons the user batch's writes if its lease was lost (another holder may be
+    /// writing this user now); returns whether it did.
+    fn abandon_if_lease_lost(&self, pending: &mut Pending) -> bool {
+        let lost = pending.guard.as_ref().is_some_and(LockGuard::is_lost);
+        if lost {
+            self.abandon(pending, Abandoned::LeaseLost);
+        }
+        lost
+    }
+
+    /// The user batch's messages still to write go to a delay topic as a new attempt;
+    /// from the first with no attempt left on, they stay unsettled (their caller
+    /// processes them again, with a pause).
+    fn abandon(&self, pending: &mut Pending, why: Abandoned) {
+        let reason = why.reason(self.locks.max_hold());
+        let abandoned: Vec<usize> = pending.to_write().map(|(index, _)| index).collect();
+        tracing::warn!(messages = abandoned.len(), %reason, "write abandoned; retrying later");
+        metrics::counter!("im_ingest_abandoned_writes_total", "reason" => why.label())
+            .increment(abandoned.len() as u64);
+        for (position, index) in abandoned.iter().enumerate() {
+            let job = pending.jobs[*index].clone();
+            match self.policy.next(job.attempts, None, rand::random::<f64>()) {
+                NextStep::Delay {
+                    delay,
+                    attempts,
+                    wait,
+                } => {
+                    pending.steps[*index] = Step::Route(Box::new(self.delay_route(
+                        &job,
+                        (delay, attempts, wait),
+                        why.fqcn(),
+                        &reason,
+                    )));
+                }
+                NextStep::DeadLetter { .. } => {
+                    pending.steps[*index] = Step::Settled(Err(anyhow::anyhow!(
+                        "{reason}; no delivery attempt left, so it is tried again here"
+                    )));
+                    for later in &abandoned[position + 1..] {
+                        pending.steps[*later] = Step::Unsettled;
+                    }
+                    return;
+                }
+            }
         }
     }
 
@@ -162,6 +262,10 @@ impl Stages {
                         DATABASE_REJECTED_FQCN,
                         &reason,
                     )));
+                }
+                Err(BatchWriteError::WouldOutlastHold) => {
+                    self.abandon(pending, Abandoned::HoldExceeded);
+                    return;
                 }
                 Err(error) => {
                     unsettle_from(pending, Some(index), error);

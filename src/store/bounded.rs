@@ -10,7 +10,9 @@
 //! [`BatchWriteError::Stalled`]. The write's future is dropped mid-statement only when
 //! the database stops answering, and the interrupted connection is always thrown away
 //! rather than given back to the pool (so a late interrupt can never hit a later
-//! statement). Nothing of a failed write is committed.
+//! statement). Nothing of a failed write is committed. Given the end of the batch's lock
+//! hold, no transaction is started that could run past it
+//! ([`BatchWriteError::WouldOutlastHold`]).
 
 use std::time::{Duration, Instant};
 
@@ -49,6 +51,9 @@ pub enum BatchWriteError {
     /// Another writer inserted messages of the batch between its read and its insert.
     #[error("other writers inserted messages of this batch meanwhile")]
     Raced,
+    /// Not started: it could have run past the end of the batch's lock hold.
+    #[error("not started: the write could outlast the user lock's hold (lock.max_hold_ms)")]
+    WouldOutlastHold,
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 }
@@ -71,6 +76,8 @@ pub struct BatchConnection {
     /// The server's id of `connection`, to interrupt it (read on first write).
     server_id: Option<u64>,
     stall_limit: Duration,
+    /// When the batch's lock hold ends, if it holds locks.
+    hold_ends: Option<Instant>,
 }
 
 impl BatchConnection {
@@ -82,7 +89,14 @@ impl BatchConnection {
             connection: Some(connection),
             server_id: None,
             stall_limit,
+            hold_ends: None,
         })
+    }
+
+    /// Sets when the batch's lock hold ends (`None`: it holds no lock): from then on,
+    /// a transaction that could still run at that moment is not started.
+    pub fn set_hold_end(&mut self, hold_ends: Option<Instant>) {
+        self.hold_ends = hold_ends;
     }
 
     /// Writes `items` in one transaction, tried once.
@@ -90,6 +104,12 @@ impl BatchConnection {
         &mut self,
         items: &[BatchItem<'_>],
     ) -> Result<Vec<WriteOutcome>, BatchWriteError> {
+        if self
+            .hold_ends
+            .is_some_and(|end| Instant::now() + self.stall_limit > end)
+        {
+            return Err(BatchWriteError::WouldOutlastHold);
+        }
         if self.connection.is_none() {
             self.connection = Some(self.pool.acquire().await?);
             self.server_id = None;
@@ -171,7 +191,7 @@ fn worth_retrying(error: &BatchWriteError) -> bool {
     match error {
         BatchWriteError::Raced => true,
         BatchWriteError::Database(error) => is_retryable(error),
-        BatchWriteError::Stalled(_) => false,
+        BatchWriteError::Stalled(_) | BatchWriteError::WouldOutlastHold => false,
     }
 }
 

@@ -20,15 +20,45 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
 /// Opens a pool on the configured database (which must exist).
 pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<MySqlPool> {
-    let options = MySqlConnectOptions::from_str(settings.url.expose())
-        .with_context(|| format!("invalid database URL {}", settings.url))?
-        .charset("utf8mb4");
+    pool_options(settings)
+        .connect_with(connect_options(settings)?)
+        .await
+        .with_context(|| format!("connecting to the database at {}", settings.url))
+}
+
+/// Like [`connect`], but every session waits for a row lock at most `row_lock_wait_secs`
+/// (`innodb_lock_wait_timeout`), so a write under a user's lock never waits in the
+/// database for longer than the lock's hold, even if interrupting it fails.
+pub async fn connect_for_writes(
+    settings: &DatabaseSettings,
+    row_lock_wait_secs: u64,
+) -> anyhow::Result<MySqlPool> {
+    pool_options(settings)
+        .after_connect(move |connection, _| {
+            Box::pin(async move {
+                sqlx::query(&format!(
+                    "SET SESSION innodb_lock_wait_timeout = {row_lock_wait_secs}"
+                ))
+                .execute(connection)
+                .await?;
+                Ok(())
+            })
+        })
+        .connect_with(connect_options(settings)?)
+        .await
+        .with_context(|| format!("connecting to the database at {}", settings.url))
+}
+
+fn pool_options(settings: &DatabaseSettings) -> MySqlPoolOptions {
     MySqlPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
-        .connect_with(options)
-        .await
-        .with_context(|| format!("connecting to the database at {}", settings.url))
+}
+
+fn connect_options(settings: &DatabaseSettings) -> anyhow::Result<MySqlConnectOptions> {
+    Ok(MySqlConnectOptions::from_str(settings.url.expose())
+        .with_context(|| format!("invalid database URL {}", settings.url))?
+        .charset("utf8mb4"))
 }
 
 /// Creates the URL's database if it does not exist (utf8mb4; the tables choose binary

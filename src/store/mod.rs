@@ -15,5 +15,5 @@ mod write;
 pub(crate) use batch::write_unchecked;
 pub use batch::BatchItem;
 pub use bounded::{write_batch, BatchConnection, BatchWriteError};
-pub use migrate::{connect, create_database_if_missing, migrate, MIGRATOR};
+pub use migrate::{connect, connect_for_writes, create_database_if_missing, migrate, MIGRATOR};
 pub use write::{is_refusal, is_retryable, write_message, Provenance, WriteOutcome};

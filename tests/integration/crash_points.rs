@@ -82,11 +82,15 @@ async fn crash_after_delay_publish_before_offset_store_loses_nothing() {
 
 #[tokio::test]
 async fn crash_inside_a_lease_extension_loses_nothing() {
-    // A slow write (300 ms) under a 90 ms lease forces an extension, which aborts.
-    let env = WorkerEnv::new(1).with("LOCK__LEASE_MS", "90").with_var(
-        "FAILPOINTS",
-        "slow_db_write=return(300);in_lease_extension=return",
-    );
+    // A slow write (500 ms) under a 900 ms lease held for up to 600 ms forces an
+    // extension (every 300 ms), which aborts.
+    let env = WorkerEnv::new(1)
+        .with("LOCK__LEASE_MS", "900")
+        .with("LOCK__MAX_HOLD_MS", "600")
+        .with_var(
+            "FAILPOINTS",
+            "slow_db_write=return(500);in_lease_extension=return",
+        );
     let (mut worker, pool) = start(&env).await;
     let offset = produce_and_expect_abort(&env, &mut worker, &unique("c")).await;
     assert!(
@@ -100,7 +104,11 @@ async fn crash_inside_a_lease_extension_loses_nothing() {
     assert!(position <= offset);
 
     // The crashed holder's key expires with its short lease; the restart stores once.
-    let restarted = WorkerProcess::start(&env.without_extra().with("LOCK__LEASE_MS", "90"));
+    let restarted = WorkerProcess::start(
+        &env.without_extra()
+            .with("LOCK__LEASE_MS", "900")
+            .with("LOCK__MAX_HOLD_MS", "600"),
+    );
     wait_for_count(&pool, &count_of("m1"), 1, &restarted).await;
     wait_until_all_committed(&env, &restarted).await;
     assert_eq!(count(&pool, &count_of("m1")).await, 1);

@@ -133,9 +133,7 @@ async fn a_record_the_dead_letter_topic_still_refuses_goes_there_as_a_stub_and_t
 
 #[tokio::test]
 async fn a_valid_message_its_delay_topic_refuses_is_dead_lettered_whole_as_delay_refused() {
-    let env = WorkerEnv::new(1)
-        .with("WORKER__MAX_MESSAGE_BYTES", "2000000")
-        .with("RETRY__DELAYS_MS", "250,500");
+    let env = WorkerEnv::new(1).with("WORKER__MAX_MESSAGE_BYTES", "2000000");
     create_topic(&env.inbound, INBOUND_LIMIT).await;
     create_topic(&env.first_delay_topic(), "1048576").await;
     let (worker, pool) = start(&env).await;

@@ -251,7 +251,12 @@ async fn holder_stalled_past_its_lease_neither_duplicates_rows_nor_deletes_the_n
         offset,
     };
 
-    let stalled = LockClient::new(&settings.redis, Duration::from_millis(300)).unwrap();
+    let stalled = LockClient::new(
+        &settings.redis,
+        Duration::from_millis(300),
+        Duration::from_millis(300),
+    )
+    .unwrap();
     let Acquire::Acquired(first) = stalled.acquire(&user).await.unwrap() else {
         panic!("lock busy")
     };
@@ -260,7 +265,12 @@ async fn holder_stalled_past_its_lease_neither_duplicates_rows_nor_deletes_the_n
     drop(first);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let next = LockClient::new(&settings.redis, Duration::from_secs(10)).unwrap();
+    let next = LockClient::new(
+        &settings.redis,
+        Duration::from_secs(10),
+        Duration::from_secs(10),
+    )
+    .unwrap();
     let Acquire::Acquired(second) = next.acquire(&user).await.unwrap() else {
         panic!("lease did not expire")
     };

@@ -11,12 +11,17 @@ use redis::AsyncCommands;
 
 use crate::helpers::{redis_connection, redis_url, unique};
 
+/// A lock client whose holds last as long as the lease (the keeper extends it twice).
 fn client(lease: Duration) -> LockClient {
+    client_holding(lease, lease)
+}
+
+fn client_holding(lease: Duration, max_hold: Duration) -> LockClient {
     let settings = RedisSettings {
         url: SecretUrl::new(redis_url()),
         ..RedisSettings::default()
     };
-    LockClient::new(&settings, lease).unwrap()
+    LockClient::new(&settings, lease, max_hold).unwrap()
 }
 
 fn user() -> UserKey {
@@ -88,20 +93,28 @@ async fn release_with_a_foreign_token_leaves_the_key() {
 }
 
 #[tokio::test]
-async fn work_longer_than_the_lease_keeps_the_key_alive() {
-    let lease = Duration::from_millis(600);
-    let locks = client(lease);
-    let user = user();
-    let guard = acquired(&locks, &user).await;
+async fn the_lease_is_extended_while_the_hold_lasts_and_runs_out_one_lease_after_it() {
+    // Lease 600 ms, extended every 200 ms while the hold (1,000 ms) lasts: the key
+    // outlives its first lease, and expires about 1,400 ms after it was taken
+    // (the last extension at 800 ms plus a lease), though the guard is never released.
+    let (lease, max_hold) = (Duration::from_millis(600), Duration::from_millis(1_000));
+    let locks = client_holding(lease, max_hold);
+    let guard = acquired(&locks, &user()).await;
+    let taken = tokio::time::Instant::now();
     let mut redis = raw().await;
-    // Four leases long; sample the TTL every 50 ms.
-    for _ in 0..48 {
+    while taken.elapsed() < Duration::from_millis(1_200) {
         let ttl: i64 = redis.pttl(guard.key()).await.unwrap();
-        assert!(ttl > 0, "lease ran out while work was running (pttl {ttl})");
+        assert!(
+            ttl > 0,
+            "lease ran out during the hold, {:?} after it was taken (pttl {ttl})",
+            taken.elapsed()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(!guard.is_lost());
-    assert!(guard.release().await.unwrap());
+    tokio::time::sleep_until(taken + Duration::from_millis(1_700)).await;
+    let value: Option<String> = redis.get(guard.key()).await.unwrap();
+    assert_eq!(value, None, "the lease outlived its hold");
+    assert!(!guard.is_lost(), "no extension found it taken over");
 }
 
 #[tokio::test]

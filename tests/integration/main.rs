@@ -19,6 +19,8 @@ mod kafka_offsets;
 mod kafka_util;
 mod lock;
 #[cfg(feature = "failpoints")]
+mod lock_hold;
+#[cfg(feature = "failpoints")]
 mod partition_state;
 mod pipeline;
 mod retries;

@@ -64,6 +64,22 @@ async fn count(pool: &MySqlPool, sql: &str) -> i64 {
 }
 
 #[tokio::test]
+async fn the_pipeline_sessions_wait_for_a_row_lock_no_longer_than_the_lock_hold() {
+    let (_env, _pipeline, pool) = setup().await;
+    // The default hold is 2.5 s (a quarter of the 10 s lease): whole seconds, 2.
+    let mut sessions = Vec::new();
+    for _ in 0..2 {
+        let mut connection = pool.acquire().await.unwrap();
+        let wait: u64 = sqlx::query_scalar("SELECT @@SESSION.innodb_lock_wait_timeout")
+            .fetch_one(&mut *connection)
+            .await
+            .unwrap();
+        assert_eq!(wait, 2);
+        sessions.push(connection);
+    }
+}
+
+#[tokio::test]
 async fn same_message_delivered_five_times_is_one_row_one_stored_four_duplicates() {
     let (env, pipeline, pool) = setup().await;
     let value = payload(&unique("c"), "m-1");

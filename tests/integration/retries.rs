@@ -163,9 +163,12 @@ async fn record_whose_lock_is_held_for_two_seconds_is_stored_once_after_release_
 
 #[tokio::test]
 async fn lock_held_forever_dead_letters_after_max_attempts_with_original_coordinates() {
+    // Delays this short need holds as short (the last delay is at least the hold).
     let env = WorkerEnv::new(1)
         .with("RETRY__DELAYS_MS", "100,200")
-        .with("RETRY__MAX_ATTEMPTS", "4");
+        .with("RETRY__MAX_ATTEMPTS", "4")
+        .with("LOCK__MAX_HOLD_MS", "200")
+        .with("WORKER__WRITE_STALL_MS", "100");
     let (worker, pool) = start(&env).await;
     let user = unique("forever");
     let outside = OutsideLock::hold(&user, None).await;

@@ -242,6 +242,10 @@ pub struct WorkerSettings {
     /// Records received but not yet durable, across all partitions. When reached, the
     /// worker stops fetching until some finish: memory stays bounded under any backlog.
     pub max_in_flight: usize,
+    /// Bytes (keys and values) of the records in flight: with large records, this bound
+    /// is reached before `max_in_flight`. A record larger than it alone is let through
+    /// when nothing else is in flight.
+    pub max_in_flight_bytes: usize,
     /// Pause before retrying a batch whose database write failed (doubles, capped).
     pub db_retry_initial_ms: u64,
     pub db_retry_max_ms: u64,
@@ -269,6 +273,7 @@ impl Default for WorkerSettings {
         Self {
             max_message_bytes: crate::message::DEFAULT_MAX_BYTES,
             max_in_flight: 1_000,
+            max_in_flight_bytes: 64 * 1024 * 1024,
             db_retry_initial_ms: 100,
             db_retry_max_ms: 5_000,
             shutdown_deadline_ms: 20_000,
@@ -597,6 +602,11 @@ impl Settings {
         anyhow::ensure!(
             self.worker.max_in_flight > 0,
             "invalid configuration: `worker.max_in_flight` must be at least 1"
+        );
+        anyhow::ensure!(
+            (1..=u32::MAX as usize).contains(&self.worker.max_in_flight_bytes),
+            "invalid configuration: `worker.max_in_flight_bytes` must be between 1 and {}",
+            u32::MAX
         );
         anyhow::ensure!(
             self.worker.db_retry_initial_ms >= 1,

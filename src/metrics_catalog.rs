@@ -72,7 +72,7 @@ const COUNTERS: [(&str, &str); 13] = [
 ];
 
 /// Gauges without labels, starting at 0: (name, help).
-const GAUGES: [(&str, &str); 4] = [
+const GAUGES: [(&str, &str); 5] = [
     (
         "im_ingest_redis_degraded",
         "1 while Redis is bypassed (degraded mode)",
@@ -80,6 +80,10 @@ const GAUGES: [(&str, &str); 4] = [
     (
         "im_ingest_in_flight",
         "Records received and not yet durable",
+    ),
+    (
+        "im_ingest_in_flight_bytes",
+        "Key and value bytes of the records received and not yet durable",
     ),
     (
         "im_ingest_backpressure",

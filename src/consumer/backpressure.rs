@@ -1,4 +1,5 @@
-//! What the poll loop does when `worker.max_in_flight` records are in flight.
+//! What the poll loop does when `worker.max_in_flight` records, or records of
+//! `worker.max_in_flight_bytes` bytes, are in flight.
 //!
 //! Guarantee: memory stays bounded, the instance's members stay in the group, and
 //! nothing is skipped. A short wait (records finishing normally under a backlog) just
@@ -39,13 +40,15 @@ pub struct Loop<'a> {
 }
 
 impl Loop<'_> {
-    /// A free in-flight slot, or `None` if `shutdown` completed first.
+    /// `count` free in-flight permits of `permits` (records or bytes), or `None` if
+    /// `shutdown` completed first.
     pub async fn acquire(
         &mut self,
         permits: &Arc<Semaphore>,
+        count: u32,
         mut shutdown: Pin<&mut impl Future<Output = ()>>,
     ) -> anyhow::Result<Option<OwnedSemaphorePermit>> {
-        if let Ok(permit) = permits.clone().try_acquire_owned() {
+        if let Ok(permit) = permits.clone().try_acquire_many_owned(count) {
             return Ok(Some(permit));
         }
         let grace = tokio::time::sleep(GRACE);
@@ -54,7 +57,7 @@ impl Loop<'_> {
             tokio::select! {
                 _ = &mut shutdown => return Ok(None),
                 _ = self.heartbeat.tick() => self.health.beat(),
-                permit = permits.clone().acquire_owned() => {
+                permit = permits.clone().acquire_many_owned(count) => {
                     return Ok(Some(permit.context("in-flight semaphore closed")?));
                 }
                 _ = &mut grace => break,
@@ -83,7 +86,7 @@ impl Loop<'_> {
             tokio::select! {
                 _ = &mut shutdown => return Ok(None),
                 _ = self.heartbeat.tick() => self.health.beat(),
-                permit = permits.clone().acquire_owned() => {
+                permit = permits.clone().acquire_many_owned(count) => {
                     break permit.context("in-flight semaphore closed")?;
                 }
                 (_, message) = recv_any(self.members, &mut turn) => match message {

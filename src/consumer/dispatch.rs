@@ -4,8 +4,8 @@
 //! Guarantee: within this process, two records of one user are never processed at the
 //! same time (so the process never conflicts with itself on the Redis lock), and a
 //! record's offset is offered for storing only after its processing returned `Ok`
-//! (durable). Each record holds an in-flight permit until then, so the number of
-//! records in memory is bounded. A failed processing (database down) is retried with
+//! (durable). Each record holds its in-flight slot and bytes until then, so the records
+//! in memory are bounded in number and in size. A failed processing (database down) is retried with
 //! capped exponential backoff with jitter (so the records of many users waiting for one
 //! database do not all come back at once) while the partition is still ours; once it is revoked the
 //! record is abandoned to the partition's next owner. A fatal failure (one no retry can
@@ -31,7 +31,7 @@ use crate::retry::publish::PublishError;
 /// conflicts with it) stays short.
 pub const MAX_USER_BATCH: usize = 32;
 
-/// A prepared record with its in-flight permit.
+/// A prepared record with its share of the in-flight bounds.
 pub struct Work {
     pub job: Arc<Job>,
     /// The assignment of its partition the record was received in.
@@ -39,7 +39,27 @@ pub struct Work {
     /// The member (consumer) that received it: its partition's state and offsets.
     pub member: Arc<Member>,
     /// Held, never read: dropping it (when the record is done) frees the slot.
-    pub _permit: OwnedSemaphorePermit,
+    pub _in_flight: InFlight,
+}
+
+/// A record's share of the in-flight bounds: its slot (`worker.max_in_flight`) and its
+/// bytes (`worker.max_in_flight_bytes`), both freed when it is dropped.
+pub struct InFlight {
+    _slot: OwnedSemaphorePermit,
+    bytes: OwnedSemaphorePermit,
+}
+
+impl InFlight {
+    pub fn new(slot: OwnedSemaphorePermit, bytes: OwnedSemaphorePermit) -> Self {
+        metrics::gauge!("im_ingest_in_flight_bytes").increment(bytes.num_permits() as f64);
+        Self { _slot: slot, bytes }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!("im_ingest_in_flight_bytes").decrement(self.bytes.num_permits() as f64);
+    }
 }
 
 impl Work {

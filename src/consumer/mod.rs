@@ -39,7 +39,7 @@ use crate::config::Settings;
 use crate::health::Health;
 use crate::pipeline::{now_millis, Pipeline, Record};
 use commit::commit_at_shutdown;
-use dispatch::{Dispatcher, Work};
+use dispatch::{Dispatcher, InFlight, Work};
 use member::{recv_any, Member};
 use tracker::TopicPartition;
 
@@ -52,6 +52,12 @@ async fn sleep_until_epoch_ms(due: Option<i64>) {
         }
         None => std::future::pending().await,
     }
+}
+
+/// The record's share of `worker.max_in_flight_bytes`: its key and value bytes, at least
+/// 1 and at most the whole bound (a larger record then goes through alone).
+fn in_flight_bytes(record: &Record, max_in_flight_bytes: usize) -> u32 {
+    record.key_and_value_bytes().clamp(1, max_in_flight_bytes) as u32
 }
 
 /// Consumes in the configured group until `shutdown` completes: one member (consumer)
@@ -71,6 +77,8 @@ pub async fn run(
 
     let max_in_flight = settings.worker.max_in_flight;
     let permits = Arc::new(Semaphore::new(max_in_flight));
+    let max_in_flight_bytes = settings.worker.max_in_flight_bytes;
+    let byte_permits = Arc::new(Semaphore::new(max_in_flight_bytes));
     let cancel = CancellationToken::new();
     let backoff = (
         Duration::from_millis(settings.worker.db_retry_initial_ms),
@@ -98,7 +106,7 @@ pub async fn run(
             health: &health,
             heartbeat: &mut heartbeat,
         };
-        let Some(permit) = backpressure.acquire(&permits, shutdown.as_mut()).await? else {
+        let Some(slot) = backpressure.acquire(&permits, 1, shutdown.as_mut()).await? else {
             break 'consume;
         };
         // Wait for a record, waking held delay partitions when they fall due.
@@ -151,11 +159,30 @@ pub async fn run(
                 .record((now_millis() - due_at).max(0) as f64 / 1000.0);
         }
         let generation = member.partitions().begin(&tp, job.record.offset);
+        // Its bytes are waited for once it is tracked: a pause meanwhile (see
+        // `backpressure`) then seeks back to the record after it, not to it.
+        let mut backpressure = backpressure::Loop {
+            members: &members,
+            health: &health,
+            heartbeat: &mut heartbeat,
+        };
+        let bytes = in_flight_bytes(&job.record, max_in_flight_bytes);
+        let Some(bytes) = backpressure
+            .acquire(&byte_permits, bytes, shutdown.as_mut())
+            .await?
+        else {
+            // Never dispatched, never done: its offset is not stored, it is redelivered.
+            break 'consume;
+        };
+        if !member.partitions().is_current(&tp, generation) {
+            // Revoked while it waited: it belongs to the partition's next owner.
+            continue;
+        }
         dispatcher.dispatch(Work {
             job: Arc::new(job),
             generation,
             member,
-            _permit: permit,
+            _in_flight: InFlight::new(slot, bytes),
         });
     }
 

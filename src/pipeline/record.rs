@@ -44,6 +44,12 @@ impl Record {
             }),
         }
     }
+
+    /// Bytes of its key and value.
+    pub fn key_and_value_bytes(&self) -> usize {
+        let length = |part: &Option<Vec<u8>>| part.as_ref().map_or(0, Vec::len);
+        length(&self.key) + length(&self.value)
+    }
 }
 
 /// A record ready for the processing step.

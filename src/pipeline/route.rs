@@ -89,7 +89,7 @@ impl Route {
             Ok(()) => return Ok(self.count()),
             Err(PublishError::Refused { topic, source }) => format!(
                 "{topic} refused the record ({} bytes): {source}",
-                record_bytes(job)
+                job.record.key_and_value_bytes()
             ),
             Err(other) => return Err(other.into()),
         };
@@ -234,12 +234,6 @@ fn payload(job: &Job) -> Payload<'_> {
         key: job.record.key.as_deref(),
         value: job.record.value.as_deref(),
     }
-}
-
-/// The source record's key and value bytes.
-fn record_bytes(job: &Job) -> usize {
-    let length = |part: &Option<Vec<u8>>| part.as_ref().map_or(0, Vec::len);
-    length(&job.record.key) + length(&job.record.value)
 }
 
 fn headers(job: &Job, attempts: u32, due_at: i64, fqcn: &str, message: &str) -> RetryHeaders {

@@ -14,6 +14,8 @@ mod deploy;
 mod faults;
 mod group;
 mod helpers;
+#[cfg(feature = "failpoints")]
+mod in_flight;
 mod isolation;
 mod kafka_offsets;
 mod kafka_util;

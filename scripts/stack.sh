@@ -13,7 +13,7 @@
 #   STACK_DIR              state, logs, jars           (default: <repo>/.stack)
 #   KAFKA_PORT             broker listener             (default: 9092)
 #   KAFKA_CONTROLLER_PORT  KRaft controller listener   (default: 9093)
-#   KAFKA_HEAP             JVM heap for the broker     (default: 512m)
+#   KAFKA_HEAP             JVM heap for the broker     (default: 1g)
 #   MARIADB_PORT           MariaDB                     (default: 3306)
 #   REDIS_PORT             Redis                       (default: 6379)
 #   STACK_WAIT_SECONDS     readiness bound per service (default: 120)
@@ -23,7 +23,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 STACK_DIR=${STACK_DIR:-$ROOT/.stack}
 KAFKA_PORT=${KAFKA_PORT:-9092}
 KAFKA_CONTROLLER_PORT=${KAFKA_CONTROLLER_PORT:-9093}
-KAFKA_HEAP=${KAFKA_HEAP:-512m}
+KAFKA_HEAP=${KAFKA_HEAP:-1g}
 MARIADB_PORT=${MARIADB_PORT:-3306}
 REDIS_PORT=${REDIS_PORT:-6379}
 STACK_WAIT_SECONDS=${STACK_WAIT_SECONDS:-120}

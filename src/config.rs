@@ -352,6 +352,21 @@ pub struct RetrySettings {
     pub jitter: f64,
 }
 
+impl RetrySettings {
+    /// The configured delay before a record's last attempt, if it has more than one.
+    pub fn delay_before_last_attempt(&self) -> Option<Duration> {
+        let retries = self.max_attempts.checked_sub(1).filter(|n| *n > 0)?;
+        delay_after(&self.delays_ms, retries).map(Duration::from_millis)
+    }
+}
+
+/// The delay after failed delivery number `attempts` (1-based) of `delays`: the n-th
+/// delay, the last one for any further; `None` without delays.
+pub fn delay_after<T: Copy>(delays: &[T], attempts: u32) -> Option<T> {
+    let index = (attempts.max(1) as usize - 1).min(delays.len().checked_sub(1)?);
+    Some(delays[index])
+}
+
 impl Default for RetrySettings {
     fn default() -> Self {
         Self {
@@ -539,7 +554,11 @@ fn insert_nested(dict: &mut Dict, path: &[String], value: Value) {
 
 impl Settings {
     /// The lock hold against the lease, the write stall limit and the retry delays.
+    /// Without the lock (`lock.mode = none`) there is no hold to check.
     fn validate_hold(&self) -> anyhow::Result<()> {
+        if self.lock.mode == LockMode::None {
+            return Ok(());
+        }
         let (hold, lease) = (self.lock.max_hold(), self.lock.lease());
         let stall = Duration::from_millis(self.worker.write_stall_ms);
         anyhow::ensure!(
@@ -550,15 +569,15 @@ impl Settings {
             lease.as_millis()
         );
         anyhow::ensure!(
-            hold > stall,
+            hold >= stall * 2,
             "invalid configuration: the lock hold ({} ms, `lock.max_hold_ms`, by default a \
-             quarter of `lock.lease_ms`) must be longer than `worker.write_stall_ms` ({} ms): \
-             no write may start that could outlast its hold",
+             quarter of `lock.lease_ms`) must be at least twice `worker.write_stall_ms` \
+             ({} ms): no write starts that could outlast its hold, so a shorter one leaves \
+             no time to write",
             hold.as_millis(),
             stall.as_millis()
         );
-        let policy = crate::retry::policy::RetryPolicy::from_settings(&self.retry);
-        if let Some(last) = policy.delay_before_last_attempt() {
+        if let Some(last) = self.retry.delay_before_last_attempt() {
             anyhow::ensure!(
                 last >= hold,
                 "invalid configuration: the delay before a record's last attempt ({} ms, \
@@ -851,6 +870,19 @@ mod tests {
     }
 
     #[test]
+    fn the_delay_before_the_last_attempt_is_that_of_the_last_hop() {
+        let mut retry = RetrySettings::default();
+        let ms = Duration::from_millis;
+        assert_eq!(retry.delay_before_last_attempt(), Some(ms(16000)));
+        retry.max_attempts = 3;
+        assert_eq!(retry.delay_before_last_attempt(), Some(ms(1000)));
+        retry.max_attempts = 9; // beyond the list: the last delay repeats
+        assert_eq!(retry.delay_before_last_attempt(), Some(ms(16000)));
+        retry.max_attempts = 1;
+        assert_eq!(retry.delay_before_last_attempt(), None);
+    }
+
+    #[test]
     fn the_lock_hold_defaults_to_a_quarter_of_the_lease_and_sets_the_row_lock_wait() {
         let s = load_with("", &[]).unwrap();
         assert_eq!(s.lock.max_hold(), Duration::from_millis(2_500));
@@ -867,9 +899,11 @@ mod tests {
         assert!(error.contains("must be below `lock.lease_ms`"), "{error}");
         let error = refusal(&[("LOCK__MAX_HOLD_MS", "300")]);
         assert!(
-            error.contains("longer than `worker.write_stall_ms`"),
+            error.contains("at least twice `worker.write_stall_ms`"),
             "{error}"
         );
+        let error = refusal(&[("LOCK__MAX_HOLD_MS", "599")]);
+        assert!(error.contains("at least twice"), "{error}");
         // Attempt 4 follows the 200 ms delay; a 2.5 s hold can span it.
         let error = refusal(&[
             ("RETRY__DELAYS_MS", "100,200"),

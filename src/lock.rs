@@ -3,8 +3,8 @@
 //! Guarantee: a key is taken with `SET key <random token> NX PX <lease>`; it is deleted
 //! or extended only by the holder of its token (compare-and-delete, compare-then-PEXPIRE,
 //! each one atomic Lua script), so a holder whose lease expired can never remove or
-//! prolong the next holder's lock. A [`LockGuard`] extends the lease every third of it,
-//! but only until its hold ends (`lock.max_hold_ms` after it was taken): no lease
+//! prolong the next holder's lock. A [`LockGuard`] extends the lease every third of it
+//! (or half of the hold, if sooner), but only until its hold ends (`lock.max_hold_ms` after it was taken): no lease
 //! outlives its use by more than one lease, whatever the holder does. The lock is an
 //! efficiency device, not the duplicate guarantee: a process paused past its lease
 //! loses the lock without knowing — the unique indexes are what keep data single.
@@ -266,7 +266,7 @@ impl LockClient {
     }
 }
 
-/// A held lock. Its lease is extended in the background (every third of the lease)
+/// A held lock. Its lease is extended in the background (see `keep_lease`)
 /// until [`LockGuard::release`], drop, or the end of the hold; dropping without release
 /// stops the extension and leaves the key to expire.
 #[derive(Debug)]
@@ -306,10 +306,12 @@ impl Drop for LockGuard {
     }
 }
 
-/// Extends the lease every third of it while the hold lasts, then stops: the key
-/// expires one lease after the last extension unless it is released first.
+/// Extends the lease every third of it, or every half of the hold if that is sooner
+/// (so a hold as long as that learns whether its lease was lost), while the hold lasts,
+/// then stops: the key expires one lease after the last extension unless it is
+/// released first.
 async fn keep_lease(client: LockClient, key: String, token: String, lost: Arc<AtomicBool>) {
-    let period = client.lease / 3;
+    let period = (client.lease / 3).min(client.max_hold / 2);
     let hold_ends = Instant::now() + client.max_hold;
     loop {
         tokio::time::sleep(period).await;

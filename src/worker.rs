@@ -13,12 +13,12 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::admin;
 use crate::config::Settings;
-use crate::consumer::{self, TopicLimits};
+use crate::consumer;
 use crate::health::Health;
 use crate::lock::LockClient;
 use crate::pipeline::{BatchLimits, Pipeline};
 use crate::retry::policy::RetryPolicy;
-use crate::retry::publish::Publisher;
+use crate::retry::publish::{Publisher, TopicLimits};
 use crate::store;
 
 /// Builds the processing step from the settings (database pool, lock client, producer);
@@ -31,7 +31,7 @@ pub async fn build_pipeline(settings: &Settings, topics: &TopicLimits) -> anyhow
         settings.lock.lease(),
         settings.lock.max_hold(),
     )?;
-    let publisher = Publisher::new(&settings.kafka, topics.inbound_record_bytes)?;
+    let publisher = Publisher::new(&settings.kafka, topics)?;
     let policy = RetryPolicy::from_settings(&settings.retry);
     Ok(Pipeline::new(
         pool,

@@ -46,19 +46,25 @@ pub struct Work {
 /// bytes (`worker.max_in_flight_bytes`), both freed when it is dropped.
 pub struct InFlight {
     _slot: OwnedSemaphorePermit,
-    bytes: OwnedSemaphorePermit,
+    _bytes: OwnedSemaphorePermit,
+    /// The record's real size (its share of the bound is capped at the whole bound).
+    size: usize,
 }
 
 impl InFlight {
-    pub fn new(slot: OwnedSemaphorePermit, bytes: OwnedSemaphorePermit) -> Self {
-        metrics::gauge!("im_ingest_in_flight_bytes").increment(bytes.num_permits() as f64);
-        Self { _slot: slot, bytes }
+    pub fn new(slot: OwnedSemaphorePermit, bytes: OwnedSemaphorePermit, size: usize) -> Self {
+        metrics::gauge!("im_ingest_in_flight_bytes").increment(size as f64);
+        Self {
+            _slot: slot,
+            _bytes: bytes,
+            size,
+        }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        metrics::gauge!("im_ingest_in_flight_bytes").decrement(self.bytes.num_permits() as f64);
+        metrics::gauge!("im_ingest_in_flight_bytes").decrement(self.size as f64);
     }
 }
 
@@ -157,6 +163,12 @@ impl Dispatcher {
                 return;
             }
             let mut active = self.active.lock().expect("dispatcher lock poisoned");
+            if self.stop.is_cancelled() {
+                // After a fatal failure: the user's later records stay behind the failed
+                // one (redelivered in order after the restart), not written past it.
+                active.remove(&user);
+                return;
+            }
             let Some(queue) = active.get_mut(&user) else {
                 return;
             };

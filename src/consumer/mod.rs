@@ -33,7 +33,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 pub use member::group_consumer_config;
-pub use topics::{ensure_topics, worker_topics, TopicLimits};
+pub use topics::{ensure_topics, worker_topics};
 
 use crate::config::Settings;
 use crate::health::Health;
@@ -178,11 +178,12 @@ pub async fn run(
             // Revoked while it waited: it belongs to the partition's next owner.
             continue;
         }
+        let size = job.record.key_and_value_bytes();
         dispatcher.dispatch(Work {
             job: Arc::new(job),
             generation,
             member,
-            _in_flight: InFlight::new(slot, bytes),
+            _in_flight: InFlight::new(slot, bytes, size),
         });
     }
 

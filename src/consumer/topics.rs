@@ -14,19 +14,12 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::Settings;
 use crate::retry::policy::RetryPolicy;
-use crate::retry::publish::HEADER_ALLOWANCE;
+use crate::retry::publish::{TopicLimits, HEADER_ALLOWANCE};
 
 /// The topic setting that limits a record's size (a record batch's, to be exact).
 const RECORD_LIMIT: &str = "max.message.bytes";
 /// How long a topic's settings may be missing from the broker's description of it.
 const DESCRIBE_GRACE: Duration = Duration::from_secs(10);
-
-/// What the worker learnt of its topics at start-up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TopicLimits {
-    /// The largest record the inbound topic takes (its `max.message.bytes`).
-    pub inbound_record_bytes: usize,
-}
 
 /// The inbound topic, the delay topics in order, then the dead-letter topic.
 pub fn worker_topics(settings: &Settings) -> Vec<String> {
@@ -50,16 +43,20 @@ pub async fn ensure_topics(settings: &Settings) -> anyhow::Result<TopicLimits> {
     let inbound_record_bytes = record_limit(&admin, inbound).await?;
     let needed = inbound_record_bytes + HEADER_ALLOWANCE;
     let created = create_missing(&admin, settings, others, Some(needed)).await?;
+    let mut smallest_outbound_record_bytes = needed;
     for topic in others.iter().filter(|topic| !created.contains(topic)) {
         let limit = record_limit(&admin, topic).await?;
+        smallest_outbound_record_bytes = smallest_outbound_record_bytes.min(limit);
         if limit < needed {
             tracing::warn!(%topic, limit, needed, "this topic takes smaller records than the \
-                inbound topic: a record it refuses is dead-lettered without its value; raise \
-                its max.message.bytes to keep whole records");
+                inbound topic: a record a delay topic refuses is dead-lettered (whole), one the \
+                dead-letter topic refuses goes there without its value; raise its \
+                max.message.bytes to keep whole records on their way");
         }
     }
     Ok(TopicLimits {
         inbound_record_bytes,
+        smallest_outbound_record_bytes,
     })
 }
 

@@ -109,8 +109,9 @@ impl Route {
         };
         match dead_letter.send(publisher, payload(job)).await {
             Ok(()) => Ok(dead_letter.count()),
+            // Its exception message already says what the delay topic refused.
             Err(PublishError::Refused { topic, source }) => {
-                let refusal = format!("{refusal}; {topic} refused it too: {source}");
+                let refusal = format!("{topic} refused it too: {source}");
                 dead_letter.publish_stub(publisher, job, &refusal).await
             }
             Err(other) => Err(other.into()),
@@ -129,8 +130,9 @@ impl Route {
         tracing::error!(topic = %job.record.topic, partition = job.record.partition,
             offset = job.record.offset, reason = %refusal,
             "the dead-letter topic refused a record; dead-lettering it without its value");
+        // The refusal first: a long original reason is what gets cut.
         self.headers.exception_message = bounded(format!(
-            "{}; {refusal}; dead-lettered without its value",
+            "{refusal}; dead-lettered without its value; {}",
             self.headers.exception_message
         ));
         let key = job

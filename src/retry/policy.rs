@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use crate::config::RetrySettings;
+use crate::config::{delay_after, RetrySettings};
 
 /// Added to a lock's remaining TTL so the retry lands just after the lease ends.
 pub const TTL_MARGIN: Duration = Duration::from_millis(25);
@@ -65,18 +65,10 @@ impl RetryPolicy {
             .collect()
     }
 
-    /// The configured delay before a record's last attempt, if it has more than one.
-    /// A busy holder keeps a user's lock up to a quarter of the lease; a shorter last
-    /// delay can meet it twice and read it as stuck (see `pipeline::contention`).
-    pub fn delay_before_last_attempt(&self) -> Option<Duration> {
-        self.delay_after(self.max_attempts.checked_sub(1).filter(|n| *n > 0)?)
-    }
-
-    /// The configured delay after failed delivery number `attempts` (1-based): the n-th
-    /// delay, the last one for any further; `None` without delays.
+    /// The configured delay after failed delivery number `attempts` (see
+    /// [`delay_after`]).
     fn delay_after(&self, attempts: u32) -> Option<Duration> {
-        let index = (attempts.max(1) as usize - 1).min(self.delays.len().checked_sub(1)?);
-        Some(self.delays[index])
+        delay_after(&self.delays, attempts)
     }
 
     /// `attempts`: deliveries so far, the failed one included (1 for a main-topic record).
@@ -122,18 +114,6 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
-    }
-
-    #[test]
-    fn the_delay_before_the_last_attempt_is_that_of_the_last_hop() {
-        let mut p = policy();
-        assert_eq!(p.delay_before_last_attempt(), Some(ms(16000)));
-        p.max_attempts = 3;
-        assert_eq!(p.delay_before_last_attempt(), Some(ms(1000)));
-        p.max_attempts = 9; // beyond the list: the last delay repeats
-        assert_eq!(p.delay_before_last_attempt(), Some(ms(16000)));
-        p.max_attempts = 1;
-        assert_eq!(p.delay_before_last_attempt(), None);
     }
 
     #[test]

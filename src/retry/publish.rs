@@ -32,6 +32,20 @@ const MISSING_TOPIC_GRACE: Duration = Duration::from_secs(10);
 pub const HEADER_ALLOWANCE: usize = 64 * 1024;
 /// librdkafka's largest `message.max.bytes`.
 const LIBRDKAFKA_MAX_MESSAGE_BYTES: usize = 1_000_000_000;
+/// librdkafka's default `batch.size`, kept when the topics allow it.
+const LIBRDKAFKA_DEFAULT_BATCH_BYTES: usize = 1_000_000;
+/// Room kept below a topic's limit for the framing of a batch around its records.
+const BATCH_FRAMING_ALLOWANCE: usize = 1024;
+
+/// The record limits (`max.message.bytes`) of the worker's topics, as found at start-up
+/// (see `consumer::ensure_topics`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopicLimits {
+    /// The largest record the inbound topic takes.
+    pub inbound_record_bytes: usize,
+    /// The smallest limit among the delay and dead-letter topics.
+    pub smallest_outbound_record_bytes: usize,
+}
 
 /// Why a publish failed, by what the caller can do about it.
 #[derive(Debug, thiserror::Error)]
@@ -62,8 +76,10 @@ pub enum PublishError {
 enum Cause {
     /// This record is refused; another may not be.
     RecordRefused,
-    /// The worker may not publish (credentials, ACLs, a fatal producer state).
+    /// The worker may not publish (credentials, ACLs).
     NotAllowed,
+    /// The producer reached a state it cannot leave (librdkafka's fatal error).
+    ProducerFailed,
     /// The topic or partition is not there.
     TopicMissing,
     /// Anything else: the broker is away, slow or moving.
@@ -83,9 +99,9 @@ fn cause_of(code: Option<RDKafkaErrorCode>) -> Cause {
             Code::TopicAuthorizationFailed
             | Code::ClusterAuthorizationFailed
             | Code::SaslAuthenticationFailed
-            | Code::Authentication
-            | Code::Fatal,
+            | Code::Authentication,
         ) => Cause::NotAllowed,
+        Some(Code::Fatal) => Cause::ProducerFailed,
         Some(
             Code::UnknownTopic
             | Code::UnknownTopicOrPartition
@@ -107,6 +123,10 @@ impl PublishError {
             Cause::NotAllowed => Self::Fatal(format!(
                 "publishing to {topic} is not allowed ({error}): check the worker's Kafka \
                  credentials and ACLs"
+            )),
+            Cause::ProducerFailed => Self::Fatal(format!(
+                "the producer for delay and dead-letter records failed for good while \
+                 publishing to {topic} ({error}): restart the worker"
             )),
             Cause::TopicMissing => Self::missing_topic(topic),
             Cause::Transient => Self::Retryable {
@@ -147,13 +167,24 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// A producer for records of up to `record_limit` bytes (the inbound topic's limit)
-    /// plus their headers.
-    pub fn new(settings: &KafkaSettings, record_limit: usize) -> anyhow::Result<Self> {
-        let max_message_bytes = (record_limit + HEADER_ALLOWANCE).min(LIBRDKAFKA_MAX_MESSAGE_BYTES);
+    /// A producer for records as large as the inbound topic takes, plus their headers,
+    /// whose batches of several records stay within the smallest limit of the topics it
+    /// publishes to: so only a record too large on its own is ever refused, never one
+    /// that shared a batch with others (Kafka applies the limit to a whole batch).
+    pub fn new(settings: &KafkaSettings, limits: &TopicLimits) -> anyhow::Result<Self> {
+        let max_message_bytes =
+            (limits.inbound_record_bytes + HEADER_ALLOWANCE).min(LIBRDKAFKA_MAX_MESSAGE_BYTES);
+        let batch_bytes = limits
+            .smallest_outbound_record_bytes
+            .saturating_sub(BATCH_FRAMING_ALLOWANCE)
+            .clamp(1, LIBRDKAFKA_DEFAULT_BATCH_BYTES);
         let producer = settings
             .client_config()
             .set("message.max.bytes", max_message_bytes.to_string())
+            .set("batch.size", batch_bytes.to_string())
+            // A deleted topic must be reported, not silently created again with the
+            // broker's defaults.
+            .set("allow.auto.create.topics", "false")
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set(
@@ -271,11 +302,23 @@ impl Publisher {
         if let Some(value) = record.value {
             out = out.payload(value);
         }
-        self.producer
-            .send(out, DELIVERY_TIMEOUT)
-            .await
-            .map_err(|(error, _)| PublishError::from_kafka(topic, error))?;
-        Ok(())
+        let Err((error, _)) = self.producer.send(out, DELIVERY_TIMEOUT).await else {
+            return Ok(());
+        };
+        if cause_of(error.rdkafka_error_code()) == Cause::TopicMissing {
+            // Also what a partition's leader moving looks like: the topic is gone only
+            // if the broker's metadata still says so after its grace.
+            self.partitions
+                .lock()
+                .expect("partitions lock")
+                .remove(topic);
+            self.partition_count(topic).await?;
+            return Err(PublishError::Retryable {
+                topic: topic.to_string(),
+                source: error.into(),
+            });
+        }
+        Err(PublishError::from_kafka(topic, error))
     }
 }
 

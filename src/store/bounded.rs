@@ -104,14 +104,17 @@ impl BatchConnection {
         &mut self,
         items: &[BatchItem<'_>],
     ) -> Result<Vec<WriteOutcome>, BatchWriteError> {
-        if self
-            .hold_ends
-            .is_some_and(|end| Instant::now() + self.stall_limit > end)
-        {
-            return Err(BatchWriteError::WouldOutlastHold);
-        }
+        self.check_hold()?;
         if self.connection.is_none() {
-            self.connection = Some(self.pool.acquire().await?);
+            let acquire = self.pool.acquire();
+            let connection = match self.hold_ends {
+                // Waiting for the pool counts against the hold too.
+                Some(end) => tokio::time::timeout_at(end.into(), acquire)
+                    .await
+                    .map_err(|_| BatchWriteError::WouldOutlastHold)??,
+                None => acquire.await?,
+            };
+            self.connection = Some(connection);
             self.server_id = None;
         }
         let connection = self
@@ -127,6 +130,11 @@ impl BatchConnection {
                 *self.server_id.insert(id)
             }
         };
+        self.check_hold()?;
+        let connection = self
+            .connection
+            .as_mut()
+            .expect("a connection was just taken");
         let started = Instant::now();
         let written = {
             let write = transaction(connection, items);
@@ -162,6 +170,16 @@ impl BatchConnection {
             // It committed after all, just before the interrupt landed.
             Ok(outcomes) => Ok(outcomes),
             Err(_) => Err(BatchWriteError::Stalled(self.stall_limit)),
+        }
+    }
+
+    /// Refuses to start a transaction that could still run when the hold ends.
+    fn check_hold(&self) -> Result<(), BatchWriteError> {
+        match self.hold_ends {
+            Some(end) if Instant::now() + self.stall_limit > end => {
+                Err(BatchWriteError::WouldOutlastHold)
+            }
+            _ => Ok(()),
         }
     }
 

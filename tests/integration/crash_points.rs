@@ -82,8 +82,8 @@ async fn crash_after_delay_publish_before_offset_store_loses_nothing() {
 
 #[tokio::test]
 async fn crash_inside_a_lease_extension_loses_nothing() {
-    // A slow write (500 ms) under a 900 ms lease held for up to 600 ms forces an
-    // extension (every 300 ms), which aborts.
+    // The batch waits 500 ms under its lock before writing (900 ms lease, held up to
+    // 600 ms): the lease extension at 300 ms aborts the process.
     let env = WorkerEnv::new(1)
         .with("LOCK__LEASE_MS", "900")
         .with("LOCK__MAX_HOLD_MS", "600")

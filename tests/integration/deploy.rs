@@ -138,15 +138,20 @@ async fn sigterm_mid_batch_exits_zero_with_committed_offsets_equal_to_what_is_du
 ) {
     let env = WorkerEnv::new(2);
     let run = unique("term");
-    crate::worker::create_topics(&env).await;
-    push(&env.inbound, &run, 0, 3_000, 100, 1).await;
+    // Pushed while the worker runs: pushed before, the whole backlog could be stored
+    // while `start` waits for the second member to join.
     let (worker, pool) = start(&env).await;
+    let pushing = tokio::spawn({
+        let (topic, run) = (env.inbound.clone(), run.clone());
+        async move { push(&topic, &run, 0, 3_000, 100, 1).await }
+    });
     let progress = format!("SELECT COUNT(*) FROM message WHERE external_message_id LIKE '{run}-%'");
     wait_for_progress(&pool, &progress, 200, &worker).await;
     let started = std::time::Instant::now();
     let status = worker
         .stop()
         .expect("the worker did not exit within 30 s after SIGTERM");
+    pushing.await.unwrap();
     assert!(status.success(), "exit status {status:?}");
     assert!(
         started.elapsed() < Duration::from_secs(20),

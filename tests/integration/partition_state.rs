@@ -105,10 +105,11 @@ async fn queued_records_of_a_revoked_partition_are_dropped_not_processed_by_the_
     // the join revokes every partition of A at once, so the 4 queued records of each of
     // the two inbound partitions belong to the next owner — of one partition A itself,
     // which fetches them again from the committed offset.
+    // A's holds must outlast its 10 s writes (a hold of 15 s, a quarter of the lease),
+    // or they would be abandoned to the delay topics instead of written late.
     let env = WorkerEnv::new(2).with("KAFKA__LIBRDKAFKA__PARTITION.ASSIGNMENT.STRATEGY", "range");
-    let slow = env
-        .clone()
-        .with_var("FAILPOINTS", "slow_db_write=return(10000)");
+    let a_env = env.clone().with("LOCK__LEASE_MS", "60000");
+    let slow = a_env.with_var("FAILPOINTS", "slow_db_write=return(10000)");
     let (a, pool) = start(&slow).await;
     // (`start` waits for both of A's members: with `range`, the second one's join
     // revokes A's partitions too, so it must be over before the records come.)

@@ -93,20 +93,19 @@ impl Route {
             ),
             Err(other) => return Err(other.into()),
         };
-        let dead_letter = if self.user.is_some() {
-            tracing::warn!(topic = %job.record.topic, partition = job.record.partition,
-                offset = job.record.offset, reason = %refusal,
-                "a delay topic refused a record; dead-lettering it");
-            Self::dead_letter(
-                dlq_topic,
-                job,
-                self.headers.attempts as u32,
-                DELAY_REFUSED_FQCN,
-                &refusal,
-            )
-        } else {
+        if self.user.is_none() {
             return self.publish_stub(publisher, job, &refusal).await;
-        };
+        }
+        tracing::warn!(topic = %job.record.topic, partition = job.record.partition,
+            offset = job.record.offset, reason = %refusal,
+            "a delay topic refused a record; dead-lettering it");
+        let dead_letter = Self::dead_letter(
+            dlq_topic,
+            job,
+            self.headers.attempts as u32,
+            DELAY_REFUSED_FQCN,
+            &refusal,
+        );
         match dead_letter.send(publisher, payload(job)).await {
             Ok(()) => Ok(dead_letter.count()),
             // Its exception message already says what the delay topic refused.

@@ -51,13 +51,15 @@ impl SecretUrl {
         url::Url::parse(&self.0)
     }
 
-    /// The URL with its password replaced, safe to log.
+    /// The URL with its password replaced by `***`, safe to log.
     pub fn redacted(&self) -> String {
         match self.parsed() {
             Ok(mut url) => {
                 if url.password().is_some() {
                     // Cannot fail: a URL with a password has a host.
-                    let _ = url.set_password(Some(Secret::REDACTED));
+                    // Stars: a placeholder a URL keeps as it is (brackets would be
+                    // percent-escaped into `%5Bredacted%5D`).
+                    let _ = url.set_password(Some(REDACTED_PASSWORD));
                 }
                 url.to_string()
             }
@@ -78,6 +80,9 @@ impl fmt::Display for SecretUrl {
         f.write_str(&self.redacted())
     }
 }
+
+/// What a URL's password is shown as.
+const REDACTED_PASSWORD: &str = "***";
 
 #[cfg(test)]
 mod tests {
@@ -101,6 +106,7 @@ mod tests {
             "{shown}"
         );
         assert_eq!(url.expose(), "mysql://app:p%40ss@db.internal:3306/im");
+        assert_eq!(url.to_string(), "mysql://app:***@db.internal:3306/im");
     }
 
     #[test]

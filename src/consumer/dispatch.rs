@@ -13,7 +13,7 @@
 //! and the dispatcher asks the worker to stop ([`Dispatcher::fatal`]).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -99,7 +99,7 @@ pub struct Dispatcher {
     cancel: CancellationToken,
     backoff: (Duration, Duration),
     /// The first fatal failure's reason; `stop` is cancelled when it is set.
-    fatal: Mutex<Option<String>>,
+    fatal: OnceLock<String>,
     stop: CancellationToken,
 }
 
@@ -114,7 +114,7 @@ impl Dispatcher {
             active: Mutex::new(HashMap::new()),
             cancel,
             backoff,
-            fatal: Mutex::new(None),
+            fatal: OnceLock::new(),
             stop: CancellationToken::new(),
         })
     }
@@ -126,14 +126,12 @@ impl Dispatcher {
 
     /// The first fatal failure's reason, if one happened.
     pub fn fatal(&self) -> Option<String> {
-        self.fatal.lock().expect("fatal lock poisoned").clone()
+        self.fatal.get().cloned()
     }
 
     fn record_fatal(&self, reason: &str) {
-        let mut fatal = self.fatal.lock().expect("fatal lock poisoned");
-        if fatal.is_none() {
+        if self.fatal.set(reason.to_string()).is_ok() {
             tracing::error!(%reason, "fatal failure; stopping the worker");
-            *fatal = Some(reason.to_string());
             self.stop.cancel();
         }
     }

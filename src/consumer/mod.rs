@@ -54,12 +54,6 @@ async fn sleep_until_epoch_ms(due: Option<i64>) {
     }
 }
 
-/// The record's share of `worker.max_in_flight_bytes`: its key and value bytes, at least
-/// 1 and at most the whole bound (a larger record then goes through alone).
-fn in_flight_bytes(record: &Record, max_in_flight_bytes: usize) -> u32 {
-    record.key_and_value_bytes().clamp(1, max_in_flight_bytes) as u32
-}
-
 /// Consumes in the configured group until `shutdown` completes: one member (consumer)
 /// per entry of `subscriptions` (see `member`), all feeding one dispatcher.
 pub async fn run(
@@ -166,9 +160,12 @@ pub async fn run(
             health: &health,
             heartbeat: &mut heartbeat,
         };
-        let bytes = in_flight_bytes(&job.record, max_in_flight_bytes);
+        // Its share of `worker.max_in_flight_bytes`: at least 1, at most the whole bound
+        // (a larger record then goes through alone).
+        let size = job.record.key_and_value_bytes();
+        let share = size.clamp(1, max_in_flight_bytes) as u32;
         let Some(bytes) = backpressure
-            .acquire(&byte_permits, bytes, shutdown.as_mut())
+            .acquire(&byte_permits, share, shutdown.as_mut())
             .await?
         else {
             // Never dispatched, never done: its offset is not stored, it is redelivered.
@@ -178,7 +175,6 @@ pub async fn run(
             // Revoked while it waited: it belongs to the partition's next owner.
             continue;
         }
-        let size = job.record.key_and_value_bytes();
         dispatcher.dispatch(Work {
             job: Arc::new(job),
             generation,

@@ -15,7 +15,9 @@ use crate::admin::wait_for_metric;
 use crate::helpers::{brokers, unique, OutsideLock, WorkerEnv};
 use crate::kafka_util::{committed, header, produce, read_all};
 use crate::pipeline::payload;
-use crate::worker::{count, count_of, start, wait_for_count, wait_until_all_committed, WAIT};
+use crate::worker::{
+    count, count_of, finish, start, wait_for_count, wait_until_all_committed, WAIT,
+};
 
 /// The inbound topic's record limit in these tests: four times the worker's own.
 const INBOUND_LIMIT: &str = "4194304";
@@ -90,6 +92,7 @@ async fn a_record_too_large_for_the_worker_on_a_4_mb_inbound_topic_is_dead_lette
         Some(&b"im_ingest::InvalidMessage"[..])
     );
     assert_eq!(count(&pool, "SELECT COUNT(*) FROM message").await, 1);
+    finish(&env, worker, pool).await;
 }
 
 #[tokio::test]
@@ -129,6 +132,7 @@ async fn a_record_the_dead_letter_topic_still_refuses_goes_there_as_a_stub_and_t
         1.0,
     )
     .await;
+    finish(&env, worker, pool).await;
 }
 
 #[tokio::test]
@@ -154,13 +158,14 @@ async fn a_valid_message_its_delay_topic_refuses_is_dead_lettered_whole_as_delay
         Some(&b"im_ingest::DelayRefused"[..])
     );
     assert_eq!(count(&pool, "SELECT COUNT(*) FROM message").await, 0);
+    finish(&env, worker, pool).await;
 }
 
 #[tokio::test]
 async fn a_dead_letter_topic_deleted_under_the_worker_stops_it_with_a_clear_error_and_the_record_uncommitted(
 ) {
     let env = WorkerEnv::new(1);
-    let (mut worker, _pool) = start(&env).await;
+    let (mut worker, pool) = start(&env).await;
     admin()
         .delete_topics(&[&env.dlq], &AdminOptions::new())
         .await
@@ -182,4 +187,5 @@ async fn a_dead_letter_topic_deleted_under_the_worker_stops_it_with_a_clear_erro
         0,
         "the record is not passed over"
     );
+    finish(&env, worker, pool).await;
 }

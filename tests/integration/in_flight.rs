@@ -9,7 +9,7 @@ use crate::admin::{get, metric};
 use crate::helpers::{unique, WorkerEnv};
 use crate::kafka_util::{produce, producer};
 use crate::pipeline::payload;
-use crate::worker::{count, start, wait_for_count, wait_until_all_committed, WAIT};
+use crate::worker::{count, finish, start, wait_for_count, wait_until_all_committed, WAIT};
 
 /// A valid message of about `bytes` bytes.
 fn message_of(bytes: usize) -> String {
@@ -61,4 +61,5 @@ async fn records_in_flight_stay_within_the_byte_bound_and_a_larger_one_goes_thro
     produce(&producer, &env.inbound, Some(0), large.as_bytes()).await;
     wait_for_count(&pool, "SELECT COUNT(*) FROM message", 13, &worker).await;
     wait_until_all_committed(&env, &worker).await;
+    finish(&env, worker, pool).await;
 }

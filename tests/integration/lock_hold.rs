@@ -13,7 +13,9 @@ use crate::admin::wait_for_metric;
 use crate::helpers::{redis_connection, unique, WorkerEnv};
 use crate::kafka_util::{produce, producer, read_all};
 use crate::pipeline::payload;
-use crate::worker::{count, count_of, start, wait_for_count, wait_until_all_committed, WAIT};
+use crate::worker::{
+    count, count_of, finish, start, wait_for_count, wait_until_all_committed, WAIT,
+};
 
 /// The delay records of `topic`, as (error class, attempts) each.
 fn delay_records(topic: &str) -> Vec<(String, i64)> {
@@ -58,6 +60,7 @@ async fn a_write_that_could_outlast_the_lock_hold_is_not_started_and_goes_throug
     )
     .await;
     assert_eq!(count(&pool, &count_of(&id)).await, 1);
+    finish(&env, worker, pool).await;
 }
 
 #[tokio::test]
@@ -117,4 +120,5 @@ async fn a_batch_that_lost_its_lease_writes_nothing_under_it_and_goes_through_a_
         "the first delay record is the abandoned write: {delays:?}"
     );
     assert_eq!(count(&pool, &count_of(&id)).await, 1);
+    finish(&env, worker, pool).await;
 }

@@ -99,6 +99,13 @@ pub async fn wait_until_both_members_joined(env: &WorkerEnv, worker: &WorkerProc
     }
 }
 
+/// Ends a test that passed: stops its worker and drops its database.
+pub async fn finish(env: &WorkerEnv, worker: WorkerProcess, pool: MySqlPool) {
+    drop(worker);
+    pool.close().await;
+    env.drop_database().await;
+}
+
 /// How many messages with this external id are stored (an SQL count).
 pub fn count_of(message_id: &str) -> String {
     format!("SELECT COUNT(*) FROM message WHERE external_message_id = '{message_id}'")

@@ -25,7 +25,7 @@ use crate::lock::{Acquire, LockClient, LockGuard};
 use crate::message::{Inbound, UserKey, INVALID_MESSAGE_FQCN};
 use crate::retry::policy::{NextStep, RetryPolicy};
 use crate::retry::publish::Publisher;
-use crate::store::BatchConnection;
+use crate::store::{BatchConnection, UnreadRules};
 
 /// What the stages need; shared by every batch.
 #[derive(Clone)]
@@ -41,12 +41,14 @@ pub(super) struct Stages {
     pub redis_health: Arc<RedisHealth>,
     /// Users whose last write stalled in the database (see `write`).
     pub stalled_users: Arc<Mutex<HashSet<UserKey>>>,
+    /// How unread counts are kept (`unread.*`).
+    pub unread_rules: UnreadRules,
 }
 
 /// Where one record of a user batch stands.
 pub(super) enum Step {
     Settled(anyhow::Result<Outcome>),
-    /// Its message is to be written in the batch's transaction.
+    /// Its message or read receipt is to be written in the batch's transaction.
     Write,
     /// To be published to a delay or dead-letter topic.
     Route(Box<Route>),
@@ -114,7 +116,7 @@ impl Stages {
         let holds = batch.iter().any(|pending| pending.guard.is_some());
         connection.set_hold_end(holds.then(|| started + self.locks.max_hold()));
         let started = Instant::now();
-        self.write(&mut connection, &mut batch).await;
+        let _unread = self.write(&mut connection, &mut batch).await;
         timed("write", started);
         let started = Instant::now();
         let guards = batch.iter_mut().filter_map(|p| p.guard.take()).collect();
@@ -129,7 +131,7 @@ impl Stages {
     }
 
     /// What each record needs, before any I/O: invalid records are routed to the
-    /// dead-letter topic, read receipts are acknowledged, messages wait for the write.
+    /// dead-letter topic, messages and read receipts wait for the write.
     fn classify(&self, unit: Unit) -> Pending {
         let steps = unit
             .jobs
@@ -146,8 +148,7 @@ impl Stages {
                         &invalid.0,
                     )))
                 }
-                Ok(Inbound::Read(_)) => Step::Settled(Ok(Outcome::ReadReceipt)),
-                Ok(Inbound::Message(_)) => Step::Write,
+                Ok(Inbound::Read(_) | Inbound::Message(_)) => Step::Write,
             })
             .collect();
         Pending {

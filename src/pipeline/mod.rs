@@ -45,6 +45,7 @@ use crate::message::UserKey;
 use crate::retry::policy::RetryPolicy;
 use crate::retry::publish::Publisher;
 use crate::retry::trust::RetryTrust;
+use crate::store::UnreadRules;
 use batch::Stages;
 use stage::{StageHandle, UnitReply};
 
@@ -132,6 +133,7 @@ impl Pipeline {
             lock_mode: LockMode::Redis,
             redis_health: Arc::new(RedisHealth::new(redis_probe_interval)),
             stalled_users: Arc::default(),
+            unread_rules: UnreadRules::default(),
         });
         let limits = BatchLimits::from(&crate::config::WorkerSettings::default());
         Self {
@@ -154,6 +156,14 @@ impl Pipeline {
     pub fn with_lock_mode(mut self, mode: LockMode) -> Self {
         let mut stages = (*self.stages).clone();
         stages.lock_mode = mode;
+        self.stages = Arc::new(stages);
+        self.restart_stage()
+    }
+
+    /// How unread counts are kept (the `unread.*` settings).
+    pub fn with_unread_rules(mut self, rules: UnreadRules) -> Self {
+        let mut stages = (*self.stages).clone();
+        stages.unread_rules = rules;
         self.stages = Arc::new(stages);
         self.restart_stage()
     }

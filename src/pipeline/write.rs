@@ -20,8 +20,11 @@ use super::batch::{Pending, Stages, Step};
 use super::route::Route;
 use super::{Job, Outcome};
 use crate::lock::LockGuard;
+use crate::message::Inbound;
 use crate::retry::policy::NextStep;
-use crate::store::{self, BatchConnection, BatchItem, BatchWriteError, Provenance, WriteOutcome};
+use crate::store::{
+    self, BatchConnection, BatchItem, BatchWriteError, ConversationUnread, Provenance, WriteOutcome,
+};
 
 /// Error class of messages whose rows the database refuses (DESIGN.md, "Dead-letter").
 pub const DATABASE_REJECTED_FQCN: &str = "im_ingest::DatabaseRejected";
@@ -64,13 +67,20 @@ impl Abandoned {
 }
 
 impl Stages {
-    /// Writes every message of the batch that is to be written; see the module guarantee.
-    pub(super) async fn write(&self, connection: &mut BatchConnection, batch: &mut [Pending]) {
+    /// Writes every message and read receipt of the batch that is to be written (see
+    /// the module guarantee); returns the unread state of the conversations that the
+    /// committed transactions touched.
+    pub(super) async fn write(
+        &self,
+        connection: &mut BatchConnection,
+        batch: &mut [Pending],
+    ) -> Vec<ConversationUnread> {
+        let mut unread = Vec::new();
         let writers: Vec<usize> = (0..batch.len())
             .filter(|unit| batch[*unit].to_write().next().is_some())
             .collect();
         if writers.is_empty() {
-            return;
+            return unread;
         }
         crate::failpoint::delay("slow_db_write").await;
         let writers: Vec<usize> = writers
@@ -83,13 +93,16 @@ impl Stages {
             .into_iter()
             .partition(|unit| self.stalled_before(&batch[*unit]));
         let together = if together.len() > 1 {
-            self.write_together(connection, batch, together).await
+            self.write_together(connection, batch, together, &mut unread)
+                .await
         } else {
             together
         };
         for unit in together.into_iter().chain(alone) {
-            self.write_unit(connection, &mut batch[unit]).await;
+            self.write_unit(connection, &mut batch[unit], &mut unread)
+                .await;
         }
+        unread
     }
 
     /// Writes the user batches `units` in one transaction, tried once; returns the
@@ -99,6 +112,7 @@ impl Stages {
         connection: &mut BatchConnection,
         batch: &mut [Pending],
         units: Vec<usize>,
+        unread: &mut Vec<ConversationUnread>,
     ) -> Vec<usize> {
         let provenances: Vec<Vec<(usize, Provenance)>> = units
             .iter()
@@ -114,9 +128,10 @@ impl Stages {
             connection.write_once(&items).await
         };
         match written {
-            Ok(outcomes) => {
+            Ok(written) => {
                 committed();
-                let mut outcomes = outcomes.into_iter();
+                unread.extend(written.unread);
+                let mut outcomes = written.outcomes.into_iter();
                 for (unit, own) in units.iter().zip(&provenances) {
                     for (index, _) in own {
                         let outcome = outcomes.next().expect("one outcome per message");
@@ -160,7 +175,12 @@ impl Stages {
 
     /// Writes one user batch's messages in one transaction (retried in place after a
     /// deadlock or a race).
-    async fn write_unit(&self, connection: &mut BatchConnection, pending: &mut Pending) {
+    async fn write_unit(
+        &self,
+        connection: &mut BatchConnection,
+        pending: &mut Pending,
+        unread: &mut Vec<ConversationUnread>,
+    ) {
         if self.abandon_if_lease_lost(pending) {
             return;
         }
@@ -172,13 +192,16 @@ impl Stages {
         };
         self.note_stall(pending, matches!(written, Err(BatchWriteError::Stalled(_))));
         match written {
-            Ok(outcomes) => {
+            Ok(written) => {
                 committed();
-                for ((index, _), outcome) in own.iter().zip(outcomes) {
+                unread.extend(written.unread);
+                for ((index, _), outcome) in own.iter().zip(written.outcomes) {
                     pending.steps[*index] = settled(outcome);
                 }
             }
-            Err(error) if is_refusal(&error) => self.isolate(connection, pending, own).await,
+            Err(error) if is_refusal(&error) => {
+                self.isolate(connection, pending, own, unread).await
+            }
             Err(BatchWriteError::WouldOutlastHold) => {
                 self.abandon(pending, Abandoned::HoldExceeded)
             }
@@ -233,24 +256,22 @@ impl Stages {
         }
     }
 
-    /// The database refused a user batch's rows: each message is written alone, and one
+    /// The database refused a user batch's rows: each record is written alone, and one
     /// that is refused again is routed to the dead-letter topic as `DatabaseRejected`.
     async fn isolate(
         &self,
         connection: &mut BatchConnection,
         pending: &mut Pending,
         own: Vec<(usize, Provenance)>,
+        unread: &mut Vec<ConversationUnread>,
     ) {
         for (index, provenance) in own {
             let job = pending.jobs[index].clone();
-            let Some(message) = job.message() else {
-                continue;
-            };
-            match connection.write(&[(message, &provenance)]).await {
-                Ok(mut outcomes) => {
+            match connection.write(&[item(&job, &provenance)]).await {
+                Ok(written) => {
                     committed();
-                    pending.steps[index] =
-                        settled(outcomes.pop().expect("one message, one outcome"));
+                    unread.extend(written.unread);
+                    pending.steps[index] = settled(written.outcomes[0]);
                 }
                 Err(error) if is_refusal(&error) => {
                     let reason = format!("{:#}", anyhow::Error::new(error));
@@ -289,12 +310,17 @@ fn items<'a>(
     pending: &'a Pending,
     own: &'a [(usize, Provenance)],
 ) -> impl Iterator<Item = BatchItem<'a>> {
-    own.iter().map(|(index, provenance)| {
-        let message = pending.jobs[*index]
-            .message()
-            .expect("only messages are written");
-        (message, provenance)
-    })
+    own.iter()
+        .map(|(index, provenance)| item(&pending.jobs[*index], provenance))
+}
+
+/// What a record to write writes: a message, or a read receipt.
+fn item<'a>(job: &'a Job, provenance: &'a Provenance) -> BatchItem<'a> {
+    match &job.content {
+        Ok(Inbound::Message(message)) => BatchItem::Message(message, provenance),
+        Ok(Inbound::Read(receipt)) => BatchItem::Receipt(receipt),
+        Err(_) => unreachable!("invalid records are routed, never written"),
+    }
 }
 
 fn provenance(job: &Job) -> Provenance {
@@ -316,6 +342,7 @@ fn settled(outcome: WriteOutcome) -> Step {
     Step::Settled(Ok(match outcome {
         WriteOutcome::Stored => Outcome::Stored,
         WriteOutcome::Duplicate => Outcome::Duplicate,
+        WriteOutcome::ReadApplied => Outcome::ReadReceipt,
     }))
 }
 

@@ -20,8 +20,8 @@ use sqlx::mysql::MySql;
 use sqlx::pool::PoolConnection;
 use sqlx::{ConnectOptions, Connection, MySqlPool};
 
-use super::batch::{try_write_batch, BatchItem};
-use super::write::{is_retryable, WriteOutcome, MAX_TRANSACTION_ATTEMPTS};
+use super::batch::{try_write_batch, BatchItem, BatchWritten, UnreadRules};
+use super::write::{is_retryable, MAX_TRANSACTION_ATTEMPTS};
 
 /// How long interrupting a stalled write, and then its end, may each take before the
 /// write is given up (a database that does not answer at all).
@@ -34,9 +34,10 @@ const INTERRUPT_GRACE: Duration = Duration::from_secs(2);
 pub async fn write_batch(
     pool: &MySqlPool,
     items: &[BatchItem<'_>],
-) -> Result<Vec<WriteOutcome>, BatchWriteError> {
+    rules: UnreadRules,
+) -> Result<BatchWritten, BatchWriteError> {
     const NO_STALL_LIMIT: Duration = Duration::from_secs(3600);
-    BatchConnection::acquire(pool, NO_STALL_LIMIT)
+    BatchConnection::acquire(pool, NO_STALL_LIMIT, rules)
         .await?
         .write(items)
         .await
@@ -78,11 +79,16 @@ pub struct BatchConnection {
     stall_limit: Duration,
     /// When the batch's lock hold ends, if it holds locks.
     hold_ends: Option<Instant>,
+    rules: UnreadRules,
 }
 
 impl BatchConnection {
     /// Takes a connection from the pool now.
-    pub async fn acquire(pool: &MySqlPool, stall_limit: Duration) -> Result<Self, sqlx::Error> {
+    pub async fn acquire(
+        pool: &MySqlPool,
+        stall_limit: Duration,
+        rules: UnreadRules,
+    ) -> Result<Self, sqlx::Error> {
         let connection = pool.acquire().await?;
         Ok(Self {
             pool: pool.clone(),
@@ -90,6 +96,7 @@ impl BatchConnection {
             server_id: None,
             stall_limit,
             hold_ends: None,
+            rules,
         })
     }
 
@@ -103,7 +110,7 @@ impl BatchConnection {
     pub async fn write_once(
         &mut self,
         items: &[BatchItem<'_>],
-    ) -> Result<Vec<WriteOutcome>, BatchWriteError> {
+    ) -> Result<BatchWritten, BatchWriteError> {
         self.check_hold()?;
         if self.connection.is_none() {
             let acquire = self.pool.acquire();
@@ -137,7 +144,7 @@ impl BatchConnection {
             .expect("a connection was just taken");
         let started = Instant::now();
         let written = {
-            let write = transaction(connection, items);
+            let write = transaction(connection, items, self.rules);
             tokio::pin!(write);
             tokio::select! {
                 written = &mut write => return written,
@@ -189,7 +196,7 @@ impl BatchConnection {
     pub async fn write(
         &mut self,
         items: &[BatchItem<'_>],
-    ) -> Result<Vec<WriteOutcome>, BatchWriteError> {
+    ) -> Result<BatchWritten, BatchWriteError> {
         let mut attempt = 1;
         loop {
             match self.write_once(items).await {
@@ -217,12 +224,13 @@ fn worth_retrying(error: &BatchWriteError) -> bool {
 async fn transaction(
     connection: &mut PoolConnection<MySql>,
     items: &[BatchItem<'_>],
-) -> Result<Vec<WriteOutcome>, BatchWriteError> {
+    rules: UnreadRules,
+) -> Result<BatchWritten, BatchWriteError> {
     let mut tx = connection.begin().await?;
-    match try_write_batch(&mut tx, items).await? {
-        Some(outcomes) => {
+    match try_write_batch(&mut tx, items, rules).await? {
+        Some(written) => {
             tx.commit().await?;
-            Ok(outcomes)
+            Ok(written)
         }
         None => {
             tx.rollback().await?;

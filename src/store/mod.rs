@@ -10,10 +10,11 @@ mod batch;
 mod bounded;
 mod migrate;
 mod profile;
+mod unread;
 mod write;
 
 pub(crate) use batch::write_unchecked;
-pub use batch::BatchItem;
+pub use batch::{BatchItem, BatchWritten, ConversationUnread, UnreadRules};
 pub use bounded::{write_batch, BatchConnection, BatchWriteError};
 pub use migrate::{connect, connect_for_writes, create_database_if_missing, migrate, MIGRATOR};
 pub use write::{is_refusal, is_retryable, write_message, Provenance, WriteOutcome};

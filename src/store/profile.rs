@@ -122,32 +122,33 @@ const CUSTOMER_ON_DUPLICATE: &str = concat!(
     newest_wins!("avatar")
 );
 
-/// One customer row to upsert: a message naming the customer, and the newest nickname
-/// and avatar among the messages written with it.
-pub(super) type CustomerRow<'m> = (&'m ChatMessage, Option<Marked<'m>>, Option<Marked<'m>>);
+/// A customer's natural key: tenant, platform, external user id.
+pub(super) type CustomerKey<'m> = (&'m str, &'m str, &'m str);
 
-/// The row of a customer written with `message` alone.
-pub(super) fn row_of(message: &ChatMessage) -> CustomerRow<'_> {
-    (message, nickname(message), avatar(message))
-}
+/// One customer row to upsert: its natural key, and the newest nickname and avatar
+/// among the messages written with it (none for a customer named only by a receipt).
+pub(super) type CustomerRow<'m> = (CustomerKey<'m>, Option<Marked<'m>>, Option<Marked<'m>>);
 
 /// The multi-row customer upsert of `rows`, ending in its `ON DUPLICATE KEY UPDATE`
-/// list: the one statement both the single and the batch write run.
+/// list.
 pub(super) fn customer_upsert<'m>(
     rows: impl IntoIterator<Item = CustomerRow<'m>>,
 ) -> QueryBuilder<'m, MySql> {
     let mut insert = QueryBuilder::new(CUSTOMER_COLUMNS);
-    insert.push_values(rows, |mut row, (message, nickname, avatar)| {
-        row.push_bind(&message.tenant_id)
-            .push_bind(&message.platform)
-            .push_bind(&message.from_user_id)
-            .push_bind(nickname.map(|f| f.value))
-            .push_bind(nickname.map(|f| f.at))
-            .push_bind(nickname.map(|f| f.message_id))
-            .push_bind(avatar.map(|f| f.value))
-            .push_bind(avatar.map(|f| f.at))
-            .push_bind(avatar.map(|f| f.message_id));
-    });
+    insert.push_values(
+        rows,
+        |mut row, ((tenant, platform, user), nickname, avatar)| {
+            row.push_bind(tenant)
+                .push_bind(platform)
+                .push_bind(user)
+                .push_bind(nickname.map(|f| f.value))
+                .push_bind(nickname.map(|f| f.at))
+                .push_bind(nickname.map(|f| f.message_id))
+                .push_bind(avatar.map(|f| f.value))
+                .push_bind(avatar.map(|f| f.at))
+                .push_bind(avatar.map(|f| f.message_id));
+        },
+    );
     insert.push(CUSTOMER_ON_DUPLICATE);
     insert
 }

@@ -32,4 +32,5 @@ mod schema;
 mod shutdown;
 mod stack_script;
 mod store_write;
+mod unread_store;
 mod worker;

@@ -104,7 +104,10 @@ async fn migrating_twice_leaves_one_schema() {
     .fetch_all(&mut conn)
     .await
     .unwrap();
-    assert_eq!(tables, ["customer", "message", "session"]);
+    assert_eq!(
+        tables,
+        ["customer", "message", "session", "unread_reconcile"]
+    );
     conn.close().await.unwrap();
     db.drop_now().await;
 }

@@ -4,7 +4,8 @@
 
 use im_ingest::message::{ChatMessage, Profile};
 use im_ingest::store::{
-    self, write_batch, write_message, BatchConnection, BatchWriteError, Provenance, WriteOutcome,
+    self, write_batch, write_message, BatchConnection, BatchItem, BatchWriteError, Provenance,
+    UnreadRules, WriteOutcome,
 };
 use sqlx::MySqlPool;
 
@@ -41,6 +42,20 @@ fn provenance(offset: i64) -> Provenance {
         partition: 0,
         offset,
     }
+}
+
+/// Writes `messages` in one batch transaction; one outcome per message.
+async fn write_messages(
+    pool: &MySqlPool,
+    messages: &[(&ChatMessage, &Provenance)],
+) -> Result<Vec<WriteOutcome>, BatchWriteError> {
+    let items: Vec<BatchItem<'_>> = messages
+        .iter()
+        .map(|(m, p)| BatchItem::Message(m, p))
+        .collect();
+    Ok(write_batch(pool, &items, UnreadRules::default())
+        .await?
+        .outcomes)
 }
 
 async fn count(pool: &MySqlPool, table: &str) -> i64 {
@@ -195,19 +210,19 @@ async fn each_profile_field_is_newest_wins_on_its_own_whatever_the_order() {
     let customer = unique("one-batch");
     let all = messages(&customer);
     let provenances: Vec<Provenance> = (0..3).map(provenance).collect();
-    write_batch(&pool, &all.iter().zip(&provenances).collect::<Vec<_>>())
+    write_messages(&pool, &all.iter().zip(&provenances).collect::<Vec<_>>())
         .await
         .unwrap();
     customers.push(customer);
     let customer = unique("two-batches");
     let all = messages(&customer);
-    write_batch(
+    write_messages(
         &pool,
         &all[1..].iter().zip(&provenances).collect::<Vec<_>>(),
     )
     .await
     .unwrap();
-    write_batch(
+    write_messages(
         &pool,
         &all[..1].iter().zip(&provenances).collect::<Vec<_>>(),
     )
@@ -261,7 +276,7 @@ async fn a_batch_stores_each_new_message_once_and_tells_copies_and_stored_ones_a
     ];
     let provenances: Vec<Provenance> = (1..=5).map(provenance).collect();
     let items: Vec<_> = messages.iter().zip(&provenances).collect();
-    let outcomes = write_batch(&pool, &items).await.unwrap();
+    let outcomes = write_messages(&pool, &items).await.unwrap();
     use WriteOutcome::{Duplicate, Stored};
     assert_eq!(outcomes, [Stored, Stored, Duplicate, Stored, Duplicate]);
     assert_eq!(count(&pool, "customer").await, 2);
@@ -283,7 +298,7 @@ async fn a_batch_stores_each_new_message_once_and_tells_copies_and_stored_ones_a
     .unwrap();
     assert_eq!(mislinked, 0);
     // The same batch again: everything is a duplicate.
-    let again = write_batch(&pool, &items).await.unwrap();
+    let again = write_messages(&pool, &items).await.unwrap();
     assert!(again.iter().all(|o| *o == Duplicate), "{again:?}");
     assert_eq!(count(&pool, "message").await, 4);
     pool.close().await;
@@ -310,7 +325,7 @@ async fn a_batch_converges_like_the_same_messages_written_one_by_one() {
     ];
     let provenances: Vec<Provenance> = (1..=4).map(provenance).collect();
     let items: Vec<_> = messages.iter().zip(&provenances).collect();
-    write_batch(&pool, &items).await.unwrap();
+    write_messages(&pool, &items).await.unwrap();
     let (nickname, nickname_at, last): (String, i64, i64) = sqlx::query_as(
         "SELECT c.nickname, c.nickname_at, s.last_message_at FROM customer c \
          JOIN session s ON s.customer_id = c.id",
@@ -327,7 +342,7 @@ async fn a_batch_converges_like_the_same_messages_written_one_by_one() {
     let late = [with_profile(&customer, "y", 100, "late")];
     let late_provenance = [provenance(9)];
     let items: Vec<_> = late.iter().zip(&late_provenance).collect();
-    write_batch(&pool, &items).await.unwrap();
+    write_messages(&pool, &items).await.unwrap();
     let (nickname, last): (String, i64) = sqlx::query_as(
         "SELECT c.nickname, s.last_message_at FROM customer c JOIN session s ON s.customer_id = c.id",
     )
@@ -355,7 +370,7 @@ async fn concurrent_batches_of_the_same_messages_store_each_exactly_once() {
         tasks.push(tokio::spawn(async move {
             let provenances: Vec<Provenance> = (0..mine.len() as i64).map(provenance).collect();
             let items: Vec<_> = mine.iter().zip(&provenances).collect();
-            write_batch(&pool, &items).await
+            write_messages(&pool, &items).await
         }));
     }
     let mut stored = 0;
@@ -392,10 +407,14 @@ async fn a_batch_write_blocked_by_an_outside_row_lock_is_interrupted_at_its_stal
         .await
         .unwrap();
     let stall_limit = std::time::Duration::from_millis(300);
-    let mut connection = BatchConnection::acquire(&pool, stall_limit).await.unwrap();
+    let mut connection = BatchConnection::acquire(&pool, stall_limit, UnreadRules::default())
+        .await
+        .unwrap();
     let (message, source) = (chat(&customer, "second", 2_000), provenance(1));
     let started = std::time::Instant::now();
-    let written = connection.write_once(&[(&message, &source)]).await;
+    let written = connection
+        .write_once(&[BatchItem::Message(&message, &source)])
+        .await;
     let waited = started.elapsed();
     assert!(
         matches!(written, Err(BatchWriteError::Stalled(limit)) if limit == stall_limit),
@@ -412,8 +431,11 @@ async fn a_batch_write_blocked_by_an_outside_row_lock_is_interrupted_at_its_stal
         "the interrupted write committed"
     );
     // The same connection handle goes on (with a fresh connection) once the row is free.
-    let written = connection.write_once(&[(&message, &source)]).await.unwrap();
-    assert_eq!(written, [WriteOutcome::Stored]);
+    let written = connection
+        .write_once(&[BatchItem::Message(&message, &source)])
+        .await
+        .unwrap();
+    assert_eq!(written.outcomes, [WriteOutcome::Stored]);
     pool.close().await;
     db.drop_now().await;
 }
@@ -461,7 +483,8 @@ async fn every_kind_of_refusal_fails_the_write_as_a_refusal_and_stores_nothing_o
             .await
             .expect_err(&format!("{} was accepted", refused.message_id));
         let number = error
-            .as_database_error()
+            .database()
+            .and_then(|e| e.as_database_error())
             .and_then(|e| e.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
             .map(|e| e.number());
         assert!(
@@ -469,11 +492,15 @@ async fn every_kind_of_refusal_fails_the_write_as_a_refusal_and_stores_nothing_o
             "{}: {error}",
             refused.message_id
         );
-        assert!(store::is_refusal(&error), "{}: {error}", refused.message_id);
+        assert!(
+            error.database().is_some_and(store::is_refusal),
+            "{}: {error}",
+            refused.message_id
+        );
         // In a batch with a good message: the whole transaction fails, nothing is kept.
         let provenances = [provenance(2), provenance(3)];
         let items = [(&good, &provenances[0]), (refused, &provenances[1])];
-        let error = write_batch(&pool, &items)
+        let error = write_messages(&pool, &items)
             .await
             .expect_err(&format!("a batch with {} was accepted", refused.message_id));
         assert!(

@@ -15,7 +15,7 @@ use sqlx::{MySqlConnection, MySqlPool};
 
 use crate::message::{decode, ChatMessage, Inbound};
 use crate::pipeline::Record;
-use crate::store::{is_retryable, write_unchecked, BatchItem, Provenance};
+use crate::store::{is_retryable, write_unchecked, Provenance};
 
 /// Tries per batch when the server reports a deadlock or a lock-wait timeout.
 const MAX_ATTEMPTS: u32 = 5;
@@ -68,7 +68,7 @@ async fn write(
             offset: record.offset,
         })
         .collect();
-    let items: Vec<BatchItem<'_>> = messages
+    let items: Vec<(&ChatMessage, &Provenance)> = messages
         .iter()
         .zip(&provenances)
         .map(|((message, _), provenance)| (message, provenance))

@@ -1,4 +1,5 @@
-//! The admin HTTP server: `/healthz`, `/readyz`, `/metrics`.
+//! The admin HTTP server: `/healthz`, `/readyz`, `/metrics`, and the read API
+//! `/v1/unread`.
 //!
 //! Guarantee: every answer is bounded in time (each dependency check has its own
 //! timeout), so a hung dependency makes the worker unready, never the admin server
@@ -27,6 +28,14 @@ use sqlx::MySqlPool;
 use crate::config::{LockMode, Settings};
 use crate::health::Health;
 use crate::pipeline::{Pipeline, RedisHealth};
+use crate::unread::copy::Agent;
+use crate::unread::view::Cursor;
+use crate::unread::Unread;
+
+/// Conversations per page of `/v1/unread` unless `limit` says otherwise, and the most
+/// it may say.
+const UNREAD_PAGE: usize = 100;
+const UNREAD_PAGE_MAX: usize = 1000;
 
 /// How long one dependency check may take before it counts as failed.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -45,6 +54,7 @@ struct AdminState {
     redis_health: Arc<RedisHealth>,
     kafka: Arc<BaseConsumer>,
     metrics: PrometheusHandle,
+    unread: Unread,
 }
 
 /// Binds the admin address (failing start-up clearly if it is taken) and serves until
@@ -75,11 +85,13 @@ pub async fn serve(
         redis_health: pipeline.redis_health(),
         kafka: Arc::new(kafka),
         metrics,
+        unread: pipeline.unread(),
     };
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
+        .route("/v1/unread", get(unread))
         .with_state(state);
     let listener = tokio::net::TcpListener::bind(settings.admin.listen)
         .await
@@ -154,6 +166,56 @@ async fn render_metrics(State(state): State<AdminState>) -> Response {
         state.metrics.render(),
     )
         .into_response()
+}
+
+/// The query of `GET /v1/unread`.
+#[derive(Debug, serde::Deserialize)]
+struct UnreadQuery {
+    tenant: Option<String>,
+    platform: Option<String>,
+    agent: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+/// An agent's unread counts: 200 with DESIGN.md's shape, 400 naming a missing or bad
+/// parameter, 503 when neither Redis nor MySQL answers.
+async fn unread(
+    State(state): State<AdminState>,
+    query: Result<axum::extract::Query<UnreadQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let bad = |message: String| (StatusCode::BAD_REQUEST, Json(json!({ "error": message })));
+    let query = match query {
+        Ok(axum::extract::Query(query)) => query,
+        Err(rejection) => return bad(rejection.body_text()).into_response(),
+    };
+    let (Some(tenant_id), Some(platform), Some(agent_id)) =
+        (query.tenant, query.platform, query.agent)
+    else {
+        return bad("tenant, platform and agent are required".into()).into_response();
+    };
+    let limit = query.limit.unwrap_or(UNREAD_PAGE);
+    if limit == 0 || limit > UNREAD_PAGE_MAX {
+        return bad(format!("limit must be 1 to {UNREAD_PAGE_MAX}")).into_response();
+    }
+    let cursor = match query.cursor.as_deref().map(Cursor::decode) {
+        Some(None) => return bad("cursor is not one this API gave".into()).into_response(),
+        Some(cursor) => cursor,
+        None => None,
+    };
+    let agent = Agent {
+        tenant_id,
+        platform,
+        agent_id,
+    };
+    match state.unread.read(&agent, limit, cursor.as_ref()).await {
+        Ok(view) => Json(view).into_response(),
+        Err(error) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "error": format!("neither Redis nor MySQL answered: {error}") })),
+        )
+            .into_response(),
+    }
 }
 
 async fn check_kafka(kafka: Arc<BaseConsumer>) -> Result<(), String> {

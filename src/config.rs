@@ -38,6 +38,7 @@ pub struct Settings {
     pub worker: WorkerSettings,
     pub lock: LockSettings,
     pub retry: RetrySettings,
+    pub unread: UnreadSettings,
 }
 
 #[derive(Clone, Deserialize)]
@@ -206,6 +207,30 @@ impl Default for AdminSettings {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
         }
+    }
+}
+
+/// Unread counters (README, "Unread counters").
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UnreadSettings {
+    /// A conversation whose newest message is older than this many days (event time)
+    /// with no read receipt since counts 0; its next message counts from 1. Unset: off.
+    pub expire_after_days: Option<u32>,
+}
+
+impl UnreadSettings {
+    /// The rules the write path applies.
+    pub fn rules(&self) -> crate::store::UnreadRules {
+        crate::store::UnreadRules {
+            expire_after_ms: self.expire_after_ms(),
+        }
+    }
+
+    /// The expiry in milliseconds, when on.
+    pub fn expire_after_ms(&self) -> Option<i64> {
+        self.expire_after_days
+            .map(|days| i64::from(days) * 86_400_000)
     }
 }
 
@@ -698,6 +723,10 @@ impl Settings {
             self.kafka.topic_partitions >= 1 && self.kafka.topic_replication >= 1,
             "invalid configuration: `kafka.topic_partitions` and `kafka.topic_replication` must be at least 1"
         );
+        anyhow::ensure!(
+            self.unread.expire_after_days != Some(0),
+            "invalid configuration: `unread.expire_after_days` must be at least 1 (leave it unset to turn expiry off)"
+        );
         self.validate_hold()
     }
 }
@@ -773,6 +802,18 @@ mod tests {
                 "{err:#}"
             );
         }
+    }
+
+    #[test]
+    fn unread_expiry_is_off_by_default_in_days_when_set_and_never_zero() {
+        assert_eq!(load_with("", &[]).unwrap().unread.expire_after_ms(), None);
+        let seven = load_with("", &[("UNREAD__EXPIRE_AFTER_DAYS", "7")]).unwrap();
+        assert_eq!(seven.unread.expire_after_ms(), Some(7 * 86_400_000));
+        let err = load_with("", &[("UNREAD__EXPIRE_AFTER_DAYS", "0")]).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("unread.expire_after_days"),
+            "{err:#}"
+        );
     }
 
     #[test]

@@ -20,4 +20,5 @@ pub mod retry;
 pub mod secret;
 pub mod store;
 pub mod telemetry;
+pub mod unread;
 pub mod worker;

@@ -105,6 +105,12 @@ impl LockClient {
         })
     }
 
+    /// The Redis connection (multiplexed, lazily made, with the configured timeouts),
+    /// for other users of the same Redis (the unread copy).
+    pub fn connection(&self) -> ConnectionManager {
+        self.connection.clone()
+    }
+
     pub fn lease(&self) -> Duration {
         self.lease
     }

@@ -19,7 +19,7 @@ const OUTCOMES: [&str; 5] = [
 ];
 
 /// Counters without labels: (name, help).
-const COUNTERS: [(&str, &str); 13] = [
+const COUNTERS: [(&str, &str); 17] = [
     (
         "im_ingest_offset_resets_total",
         "Committed offsets the broker no longer had (records removed before they were read)",
@@ -68,6 +68,23 @@ const COUNTERS: [(&str, &str); 13] = [
     (
         "im_ingest_dead_letter_stubs_total",
         "Records the dead-letter topic refused, dead-lettered without their value",
+    ),
+    (
+        "im_ingest_unread_drift_total",
+        "Conversations whose unread count in Redis differed from MySQL when reconciled",
+    ),
+    (
+        "im_ingest_unread_noted_agents_total",
+        "Agents noted for reconcile because their unread changes could not reach Redis",
+    ),
+    (
+        "im_ingest_unread_copy_lost_total",
+        "Unread changes that reached neither Redis nor the reconcile note (fixed at the \
+         conversation's next change or by reconcile)",
+    ),
+    (
+        "im_ingest_unread_rebuilds_total",
+        "Agents' Redis copies rebuilt from MySQL on read (missing or incomplete)",
     ),
 ];
 

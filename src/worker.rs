@@ -20,6 +20,7 @@ use crate::pipeline::{BatchLimits, Pipeline};
 use crate::retry::policy::RetryPolicy;
 use crate::retry::publish::{Publisher, TopicLimits};
 use crate::store;
+use crate::unread::{reconcile, Unread};
 
 /// Builds the processing step from the settings (database pool, lock client, producer);
 /// `topics` is what [`consumer::ensure_topics`] found.
@@ -45,6 +46,7 @@ pub async fn build_pipeline(settings: &Settings, topics: &TopicLimits) -> anyhow
         Duration::from_millis(settings.redis.probe_interval_ms),
     )
     .with_lock_mode(settings.lock.mode)
+    .with_unread_rules(settings.unread.rules())
     .with_batch_limits(BatchLimits::from(&settings.worker)))
 }
 
@@ -98,6 +100,10 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> any
     let pipeline = build_pipeline(settings, &topics).await?;
     let health = Arc::new(Health::default());
     let upkeep = tokio::spawn(metrics_upkeep(metrics.clone()));
+    let reconciler = tokio::spawn(reconcile_noted_agents(
+        pipeline.unread(),
+        Duration::from_millis(settings.redis.probe_interval_ms),
+    ));
     let (_, admin) = admin::serve(settings, health.clone(), &pipeline, metrics).await?;
     let result = consumer::run(
         settings,
@@ -109,7 +115,31 @@ pub async fn run(settings: &Settings, shutdown: impl Future<Output = ()>) -> any
     .await;
     admin.abort();
     upkeep.abort();
+    reconciler.abort();
     result
+}
+
+/// Agents noted for reconcile (their unread changes could not reach Redis) taken at a
+/// time.
+const RECONCILE_TURN: u32 = 100;
+
+/// Rebuilds the Redis copy of agents noted while Redis was unreachable, by this process
+/// or an earlier one, once Redis answers again (see `unread::reconcile`): every
+/// `period`, as many as there are; a failure (Redis still down) waits for the next.
+async fn reconcile_noted_agents(unread: Unread, period: Duration) {
+    loop {
+        tokio::time::sleep(period).await;
+        loop {
+            match reconcile::drain_noted(&unread.pool, &unread.copy, RECONCILE_TURN).await {
+                Ok(0) => break,
+                Ok(agents) => tracing::info!(agents, "unread copies reconciled after an outage"),
+                Err(error) => {
+                    tracing::debug!(error = format!("{error:#}"), "reconciling noted agents failed; trying again later");
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// How often recorded histogram samples are folded into their buckets.

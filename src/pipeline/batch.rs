@@ -25,7 +25,8 @@ use crate::lock::{Acquire, LockClient, LockGuard};
 use crate::message::{Inbound, UserKey, INVALID_MESSAGE_FQCN};
 use crate::retry::policy::{NextStep, RetryPolicy};
 use crate::retry::publish::Publisher;
-use crate::store::{BatchConnection, UnreadRules};
+use crate::store::{BatchConnection, ConversationUnread, UnreadRules};
+use crate::unread::Unread;
 
 /// What the stages need; shared by every batch.
 #[derive(Clone)]
@@ -43,6 +44,8 @@ pub(super) struct Stages {
     pub stalled_users: Arc<Mutex<HashSet<UserKey>>>,
     /// How unread counts are kept (`unread.*`).
     pub unread_rules: UnreadRules,
+    /// Where committed unread changes are copied (Redis) or noted.
+    pub unread: Unread,
 }
 
 /// Where one record of a user batch stands.
@@ -116,12 +119,15 @@ impl Stages {
         let holds = batch.iter().any(|pending| pending.guard.is_some());
         connection.set_hold_end(holds.then(|| started + self.locks.max_hold()));
         let started = Instant::now();
-        let _unread = self.write(&mut connection, &mut batch).await;
+        let unread = self.write(&mut connection, &mut batch).await;
         timed("write", started);
         let started = Instant::now();
         let guards = batch.iter_mut().filter_map(|p| p.guard.take()).collect();
         self.release(guards).await;
         timed("release", started);
+        let started = Instant::now();
+        self.publish_unread(&unread).await;
+        timed("unread", started);
         let started = Instant::now();
         self.route(&mut batch).await;
         timed("route", started);
@@ -280,6 +286,19 @@ impl Stages {
         let topic = RetryPolicy::topic_for(&self.retry_topic_prefix, delay);
         let due_at = super::now_millis() + wait.as_millis() as i64;
         Route::delay(job, topic, attempts, due_at, fqcn, reason)
+    }
+
+    /// Copies the committed unread changes to Redis, or notes their agents for
+    /// reconcile while Redis is failing (degraded mode, whatever `lock.mode`). Before
+    /// the batch is answered, so a crash before the note leaves the records to be
+    /// processed again (a copy carries its conversation's state again).
+    async fn publish_unread(&self, changes: &[ConversationUnread]) {
+        let try_redis = self.redis_health.should_try_lock(Instant::now());
+        if let Some(error) = self.unread.publish(changes, try_redis).await {
+            self.redis_health.record_failure(Instant::now(), &error);
+        } else if try_redis && !changes.is_empty() {
+            self.redis_health.record_success();
+        }
     }
 
     /// Gives every lock back in one round trip. A failure only leaves the keys to

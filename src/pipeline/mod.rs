@@ -46,6 +46,8 @@ use crate::retry::policy::RetryPolicy;
 use crate::retry::publish::Publisher;
 use crate::retry::trust::RetryTrust;
 use crate::store::UnreadRules;
+use crate::unread::copy::UnreadCopy;
+use crate::unread::Unread;
 use batch::Stages;
 use stage::{StageHandle, UnitReply};
 
@@ -123,6 +125,11 @@ impl Pipeline {
         redis_probe_interval: Duration,
     ) -> Self {
         let retry_trust = Arc::new(RetryTrust::new(&policy, &retry_topic_prefix));
+        let unread = Unread {
+            pool: pool.clone(),
+            copy: UnreadCopy::new(locks.connection()),
+            expire_after: None,
+        };
         let stages = Arc::new(Stages {
             pool: pool.clone(),
             locks,
@@ -134,6 +141,7 @@ impl Pipeline {
             redis_health: Arc::new(RedisHealth::new(redis_probe_interval)),
             stalled_users: Arc::default(),
             unread_rules: UnreadRules::default(),
+            unread,
         });
         let limits = BatchLimits::from(&crate::config::WorkerSettings::default());
         Self {
@@ -145,6 +153,11 @@ impl Pipeline {
             stages,
             limits,
         }
+    }
+
+    /// The unread counters' read and write sides (for the read API and reconcile).
+    pub fn unread(&self) -> Unread {
+        self.stages.unread.clone()
     }
 
     /// Whether the worker runs without the Redis lock now (degraded mode), for reports.
@@ -164,6 +177,7 @@ impl Pipeline {
     pub fn with_unread_rules(mut self, rules: UnreadRules) -> Self {
         let mut stages = (*self.stages).clone();
         stages.unread_rules = rules;
+        stages.unread.expire_after = rules.expire_after_ms;
         self.stages = Arc::new(stages);
         self.restart_stage()
     }

@@ -1,0 +1,110 @@
+//! Unread counters: per conversation and total, for each agent (README, "Unread
+//! counters").
+//!
+//! Guarantee: MySQL holds the truth (`session.read_up_to`, `unread_count`,
+//! `unread_version`, kept by the batch transaction: see `store::unread`); Redis holds a
+//! copy that only moves to newer versions (`copy`); a change that could not reach Redis
+//! is noted durably and reconciled when Redis answers (`reconcile`); reads come from
+//! Redis, rebuilding a lost copy from MySQL, or from MySQL while Redis is down (`view`).
+
+pub mod copy;
+pub mod reconcile;
+pub mod source;
+pub mod view;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use sqlx::MySqlPool;
+
+use crate::store::ConversationUnread;
+use copy::{Agent, UnreadCopy};
+use view::{Cursor, Source, UnreadView};
+
+/// How long a read waits for Redis before answering from MySQL.
+const REDIS_READ_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The counters' read and write sides, shared by the pipeline and the admin server.
+#[derive(Clone)]
+pub struct Unread {
+    pub pool: MySqlPool,
+    pub copy: UnreadCopy,
+    /// `unread.expire_after_days`, in ms.
+    pub expire_after: Option<i64>,
+}
+
+impl Unread {
+    /// Copies committed changes to Redis; when Redis fails, notes their agents for
+    /// reconcile. Returns the Redis error, if any (for the degraded-mode bookkeeping).
+    pub async fn publish(&self, changes: &[ConversationUnread], try_redis: bool) -> Option<redis::RedisError> {
+        if changes.is_empty() {
+            return None;
+        }
+        let failed = if try_redis {
+            match self.copy.apply(changes).await {
+                Ok(()) => return None,
+                Err(error) => Some(error),
+            }
+        } else {
+            None
+        };
+        let agents: BTreeSet<Agent> = changes.iter().map(Agent::from).collect();
+        metrics::counter!("im_ingest_unread_noted_agents_total").increment(agents.len() as u64);
+        if let Err(error) = reconcile::note(&self.pool, &agents).await {
+            // The conversations stay behind in Redis until their next change or a
+            // `reconcile`; their records are stored all the same.
+            metrics::counter!("im_ingest_unread_copy_lost_total").increment(changes.len() as u64);
+            tracing::error!(%error, agents = agents.len(),
+                "neither Redis nor the reconcile note took the unread changes");
+        }
+        failed
+    }
+
+    /// The agent's answer for `GET /v1/unread`: from Redis (a missing or incomplete copy
+    /// rebuilt from MySQL first), or from MySQL when Redis does not answer in time.
+    pub async fn read(
+        &self,
+        agent: &Agent,
+        limit: usize,
+        cursor: Option<&Cursor>,
+    ) -> Result<UnreadView, sqlx::Error> {
+        let now = crate::pipeline::now_millis();
+        match tokio::time::timeout(REDIS_READ_TIMEOUT, self.read_redis(agent)).await {
+            Ok(Ok(stored)) => {
+                return Ok(view::page(
+                    Source::Redis,
+                    stored.conversations.into_values(),
+                    stored.total,
+                    now,
+                    self.expire_after,
+                    limit,
+                    cursor,
+                ))
+            }
+            Ok(Err(error)) => tracing::debug!(%error, "unread read from Redis failed; using MySQL"),
+            Err(_) => tracing::debug!("unread read from Redis timed out; using MySQL"),
+        }
+        let conversations = source::conversations(&self.pool, agent).await?;
+        Ok(view::page(
+            Source::Mysql,
+            conversations,
+            None,
+            now,
+            self.expire_after,
+            limit,
+            cursor,
+        ))
+    }
+
+    /// The agent's copy, rebuilt from MySQL first when it is incomplete.
+    async fn read_redis(&self, agent: &Agent) -> anyhow::Result<copy::StoredCopy> {
+        let stored = self.copy.read(agent).await?;
+        if stored.total.is_some() {
+            return Ok(stored);
+        }
+        let truth = source::conversations(&self.pool, agent).await?;
+        self.copy.rebuild(agent, &truth, false).await?;
+        metrics::counter!("im_ingest_unread_rebuilds_total").increment(1);
+        Ok(self.copy.read(agent).await?)
+    }
+}

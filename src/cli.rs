@@ -36,6 +36,10 @@ pub enum Command {
     Run,
     /// Create the database if missing and apply pending schema migrations (idempotent).
     Migrate,
+    /// Compare every agent's unread copy in Redis with MySQL (the truth), report the
+    /// drift per agent (conversations off, total before and after) and fix it. Safe
+    /// while workers run: only changes newer than what it read are kept.
+    Reconcile(crate::unread::command::ReconcileArgs),
     /// Measure im-ingest against its limits and alternatives, side by side: the worker
     /// as shipped, with `lock.mode = none`, a naive check-then-insert writer, a no-op
     /// consumer (Kafka read limit) and an ideal batched writer (database write limit),
@@ -61,6 +65,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::BenchContender(args) => {
             crate::bench::contender::run(&settings, &args, crate::worker::shutdown_signal()).await?
         }
+        Command::Reconcile(args) => crate::unread::command::run(&settings, &args).await?,
         Command::Migrate => {
             store::migrate(&settings.database).await?;
             tracing::info!(database = %settings.database.url, "migrations applied");

@@ -84,7 +84,7 @@ const COUNTERS: [(&str, &str); 17] = [
     ),
     (
         "im_ingest_unread_rebuilds_total",
-        "Agents' Redis copies rebuilt from MySQL on read (missing or incomplete)",
+        "Agents' Redis copies rebuilt from MySQL because they were missing or incomplete",
     ),
 ];
 

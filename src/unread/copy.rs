@@ -7,27 +7,30 @@
 //! truth, and `total` moves by the same difference in the same script, so it is always
 //! the sum of the counts — whatever the order and number of times changes arrive, with
 //! no dedupe window. A hash without `total` is incomplete (Redis lost it, or it was
-//! never built): changes still land in its fields, and the first read rebuilds it from
-//! MySQL, merging by version, so a change applied while the rebuild read MySQL is kept.
+//! never built): changes still land in its fields, and the writer that finds it so (or
+//! the first read) rebuilds it from MySQL, merging by version, so a change applied
+//! while the rebuild read MySQL is kept.
 //! One script touches one agent's key; a batch is a pipeline of such scripts.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use redis::aio::ConnectionManager;
 
 use crate::store::ConversationUnread;
 
 /// Applies one conversation's state if its version is newer than the stored one; moves
-/// `total` (when present) by the difference. Returns 1 when applied.
+/// `total` (when present) by the difference. Returns 0 when the hash is incomplete (no
+/// `total`: it needs a rebuild), 1 otherwise.
 const APPLY_SCRIPT: &str = r"
+local complete = redis.call('HEXISTS', KEYS[1], 'total')
 local stored = tonumber(redis.call('HGET', KEYS[1], 'v:' .. ARGV[1]) or '-1')
-if tonumber(ARGV[3]) <= stored then return 0 end
+if tonumber(ARGV[3]) <= stored then return complete end
 local old = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2], 'v:' .. ARGV[1], ARGV[3], 't:' .. ARGV[1], ARGV[4])
-if redis.call('HEXISTS', KEYS[1], 'total') == 1 then
+if complete == 1 then
   redis.call('HINCRBY', KEYS[1], 'total', tonumber(ARGV[2]) - old)
 end
-return 1
+return complete
 ";
 
 /// Merges an agent's conversations read from MySQL (ARGV[1]: 1 to overwrite equal
@@ -112,10 +115,11 @@ impl UnreadCopy {
         Self { connection }
     }
 
-    /// Applies committed changes, one script per conversation, in one round trip.
-    pub async fn apply(&self, changes: &[ConversationUnread]) -> redis::RedisResult<()> {
+    /// Applies committed changes, one script per conversation, in one round trip;
+    /// returns the agents whose hash is incomplete (to be rebuilt from MySQL).
+    pub async fn apply(&self, changes: &[ConversationUnread]) -> redis::RedisResult<BTreeSet<Agent>> {
         if changes.is_empty() {
-            return Ok(());
+            return Ok(BTreeSet::new());
         }
         let mut pipe = redis::pipe();
         for change in changes {
@@ -126,11 +130,16 @@ impl UnreadCopy {
                 .arg(&change.customer)
                 .arg(change.unread)
                 .arg(change.version)
-                .arg(change.last_message_at.unwrap_or(0))
-                .ignore();
+                .arg(change.last_message_at.unwrap_or(0));
         }
         let mut connection = self.connection.clone();
-        pipe.query_async::<()>(&mut connection).await
+        let complete: Vec<i64> = pipe.query_async(&mut connection).await?;
+        Ok(changes
+            .iter()
+            .zip(complete)
+            .filter(|(_, complete)| *complete == 0)
+            .map(|(change, _)| Agent::from(change))
+            .collect())
     }
 
     /// The agent's hash as it is now.

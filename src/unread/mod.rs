@@ -7,6 +7,7 @@
 //! is noted durably and reconciled when Redis answers (`reconcile`); reads come from
 //! Redis, rebuilding a lost copy from MySQL, or from MySQL while Redis is down (`view`).
 
+pub mod command;
 pub mod copy;
 pub mod reconcile;
 pub mod source;
@@ -34,30 +35,56 @@ pub struct Unread {
 }
 
 impl Unread {
-    /// Copies committed changes to Redis; when Redis fails, notes their agents for
-    /// reconcile. Returns the Redis error, if any (for the degraded-mode bookkeeping).
-    pub async fn publish(&self, changes: &[ConversationUnread], try_redis: bool) -> Option<redis::RedisError> {
+    /// Copies committed changes to Redis (rebuilding an agent's incomplete copy from
+    /// MySQL); when Redis fails, notes their agents for reconcile. Returns the Redis
+    /// error, if any (for the degraded-mode bookkeeping).
+    pub async fn publish(
+        &self,
+        changes: &[ConversationUnread],
+        try_redis: bool,
+    ) -> Option<redis::RedisError> {
         if changes.is_empty() {
             return None;
         }
         let failed = if try_redis {
             match self.copy.apply(changes).await {
-                Ok(()) => return None,
+                Ok(incomplete) => {
+                    for agent in incomplete {
+                        if let Err(error) = self.rebuild(&agent).await {
+                            tracing::warn!(error = format!("{error:#}"), "rebuilding an unread copy failed; noting it for reconcile");
+                            self.note(&BTreeSet::from([agent]), 1).await;
+                        }
+                    }
+                    return None;
+                }
                 Err(error) => Some(error),
             }
         } else {
             None
         };
         let agents: BTreeSet<Agent> = changes.iter().map(Agent::from).collect();
+        self.note(&agents, changes.len()).await;
+        failed
+    }
+
+    /// Notes `agents` for reconcile (their `changes` changes did not reach Redis).
+    async fn note(&self, agents: &BTreeSet<Agent>, changes: usize) {
         metrics::counter!("im_ingest_unread_noted_agents_total").increment(agents.len() as u64);
-        if let Err(error) = reconcile::note(&self.pool, &agents).await {
+        if let Err(error) = reconcile::note(&self.pool, agents).await {
             // The conversations stay behind in Redis until their next change or a
             // `reconcile`; their records are stored all the same.
-            metrics::counter!("im_ingest_unread_copy_lost_total").increment(changes.len() as u64);
+            metrics::counter!("im_ingest_unread_copy_lost_total").increment(changes as u64);
             tracing::error!(%error, agents = agents.len(),
                 "neither Redis nor the reconcile note took the unread changes");
         }
-        failed
+    }
+
+    /// Rebuilds the agent's copy from MySQL, merging by version.
+    async fn rebuild(&self, agent: &Agent) -> anyhow::Result<()> {
+        let truth = source::conversations(&self.pool, agent).await?;
+        self.copy.rebuild(agent, &truth, false).await?;
+        metrics::counter!("im_ingest_unread_rebuilds_total").increment(1);
+        Ok(())
     }
 
     /// The agent's answer for `GET /v1/unread`: from Redis (a missing or incomplete copy
@@ -102,9 +129,7 @@ impl Unread {
         if stored.total.is_some() {
             return Ok(stored);
         }
-        let truth = source::conversations(&self.pool, agent).await?;
-        self.copy.rebuild(agent, &truth, false).await?;
-        metrics::counter!("im_ingest_unread_rebuilds_total").increment(1);
+        self.rebuild(agent).await?;
         Ok(self.copy.read(agent).await?)
     }
 }

@@ -32,5 +32,6 @@ mod schema;
 mod shutdown;
 mod stack_script;
 mod store_write;
+mod unread;
 mod unread_store;
 mod worker;

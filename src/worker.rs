@@ -134,7 +134,10 @@ async fn reconcile_noted_agents(unread: Unread, period: Duration) {
                 Ok(0) => break,
                 Ok(agents) => tracing::info!(agents, "unread copies reconciled after an outage"),
                 Err(error) => {
-                    tracing::debug!(error = format!("{error:#}"), "reconciling noted agents failed; trying again later");
+                    tracing::debug!(
+                        error = format!("{error:#}"),
+                        "reconciling noted agents failed; trying again later"
+                    );
                     break;
                 }
             }

@@ -117,7 +117,10 @@ impl UnreadCopy {
 
     /// Applies committed changes, one script per conversation, in one round trip;
     /// returns the agents whose hash is incomplete (to be rebuilt from MySQL).
-    pub async fn apply(&self, changes: &[ConversationUnread]) -> redis::RedisResult<BTreeSet<Agent>> {
+    pub async fn apply(
+        &self,
+        changes: &[ConversationUnread],
+    ) -> redis::RedisResult<BTreeSet<Agent>> {
         if changes.is_empty() {
             return Ok(BTreeSet::new());
         }

@@ -51,7 +51,10 @@ impl Unread {
                 Ok(incomplete) => {
                     for agent in incomplete {
                         if let Err(error) = self.rebuild(&agent).await {
-                            tracing::warn!(error = format!("{error:#}"), "rebuilding an unread copy failed; noting it for reconcile");
+                            tracing::warn!(
+                                error = format!("{error:#}"),
+                                "rebuilding an unread copy failed; noting it for reconcile"
+                            );
                             self.note(&BTreeSet::from([agent]), 1).await;
                         }
                     }

@@ -9,7 +9,10 @@ use sqlx::MySqlPool;
 use super::copy::{Agent, Conversation};
 
 /// Every conversation of `agent` as MySQL has it.
-pub async fn conversations(pool: &MySqlPool, agent: &Agent) -> Result<Vec<Conversation>, sqlx::Error> {
+pub async fn conversations(
+    pool: &MySqlPool,
+    agent: &Agent,
+) -> Result<Vec<Conversation>, sqlx::Error> {
     let rows: Vec<(String, u32, u64, Option<i64>)> = sqlx::query_as(
         "SELECT CAST(c.external_user_id AS CHAR), s.unread_count, s.unread_version, \
          s.last_message_at FROM session s FORCE INDEX (ix_session_agent) \
@@ -23,12 +26,14 @@ pub async fn conversations(pool: &MySqlPool, agent: &Agent) -> Result<Vec<Conver
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(customer, unread, version, last_message_at)| Conversation {
-            customer,
-            unread,
-            version,
-            last_message_at,
-        })
+        .map(
+            |(customer, unread, version, last_message_at)| Conversation {
+                customer,
+                unread,
+                version,
+                last_message_at,
+            },
+        )
         .collect())
 }
 

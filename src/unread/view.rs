@@ -150,7 +150,11 @@ mod tests {
             conversation("d", 5, 0),
         ];
         let view = page(Source::Redis, all, None, 1, None, 100, None);
-        let order: Vec<&str> = view.sessions.iter().map(|s| s.from_user_id.as_str()).collect();
+        let order: Vec<&str> = view
+            .sessions
+            .iter()
+            .map(|s| s.from_user_id.as_str())
+            .collect();
         assert_eq!(order, ["d", "a", "b"]);
         assert_eq!(view.total, 9);
         assert_eq!(view.next_cursor, None);
@@ -165,7 +169,15 @@ mod tests {
         let mut seen = Vec::new();
         let mut cursor = None;
         loop {
-            let view = page(Source::Redis, all.clone(), None, 0, None, 3, cursor.as_ref());
+            let view = page(
+                Source::Redis,
+                all.clone(),
+                None,
+                0,
+                None,
+                3,
+                cursor.as_ref(),
+            );
             seen.extend(view.sessions);
             match view.next_cursor {
                 Some(next) => cursor = Cursor::decode(&next),
@@ -182,7 +194,15 @@ mod tests {
             conversation("old", 4, now - 8 * DAY),
             conversation("new", 1, now - DAY),
         ];
-        let view = page(Source::Mysql, all.clone(), Some(5), now, Some(7 * DAY), 100, None);
+        let view = page(
+            Source::Mysql,
+            all.clone(),
+            Some(5),
+            now,
+            Some(7 * DAY),
+            100,
+            None,
+        );
         assert_eq!(view.total, 1);
         assert_eq!(view.sessions.len(), 1);
         let without_expiry = page(Source::Mysql, all, Some(5), now, None, 100, None);
@@ -191,7 +211,15 @@ mod tests {
 
     #[test]
     fn the_answer_has_the_contract_shape() {
-        let view = page(Source::Redis, [conversation("u", 1, 0)], None, 0, None, 100, None);
+        let view = page(
+            Source::Redis,
+            [conversation("u", 1, 0)],
+            None,
+            0,
+            None,
+            100,
+            None,
+        );
         assert_eq!(
             serde_json::to_value(&view).unwrap(),
             serde_json::json!({"source": "redis", "total": 1, "sessions": [{"from_user_id": "u", "unread": 1}]})

@@ -77,7 +77,7 @@ impl PrivateRedis {
             .unwrap_or(false)
     }
 
-    fn signal(&self, signal: &str) {
+    pub fn signal(&self, signal: &str) {
         let pid = self.child.as_ref().unwrap().id().to_string();
         assert!(Command::new("kill")
             .args([signal, &pid])

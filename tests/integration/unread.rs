@@ -112,7 +112,8 @@ pub fn from_api(address: &str, tenant: &str) -> (String, Counts) {
     let mut cursor: Option<String> = None;
     let mut previous = u32::MAX;
     loop {
-        let mut path = format!("/v1/unread?tenant={tenant}&platform={PLATFORM}&agent={AGENT}&limit=3");
+        let mut path =
+            format!("/v1/unread?tenant={tenant}&platform={PLATFORM}&agent={AGENT}&limit=3");
         if let Some(cursor) = &cursor {
             path.push_str(&format!("&cursor={}", urlencode(cursor)));
         }
@@ -214,8 +215,15 @@ fn model(events: &[Event]) -> Counts {
 
 #[derive(Debug, Clone)]
 enum Event {
-    Message { customer: String, id: String, at: i64 },
-    Receipt { customer: String, at: i64 },
+    Message {
+        customer: String,
+        id: String,
+        at: i64,
+    },
+    Receipt {
+        customer: String,
+        at: i64,
+    },
 }
 
 impl Event {
@@ -236,7 +244,12 @@ async fn fifty_customers_twenty_messages_each(lock_mode: &str) {
     let mut values: Vec<String> = Vec::new();
     for c in 0..50 {
         for m in 0..20 {
-            let value = message(&tenant, &format!("cust-{c:02}"), &format!("{c}-{m}"), 1_000 + m);
+            let value = message(
+                &tenant,
+                &format!("cust-{c:02}"),
+                &format!("{c}-{m}"),
+                1_000 + m,
+            );
             if (c * 20 + m) % 5 == 0 {
                 values.push(value.clone());
             }
@@ -252,7 +265,10 @@ async fn fifty_customers_twenty_messages_each(lock_mode: &str) {
     );
     assert_eq!(in_mysql(&pool, &tenant).await, expected);
     wait_for_redis(&redis_url(), &tenant, &expected, &worker).await;
-    assert_eq!(from_api(&worker.admin_address(), &tenant), ("redis".into(), expected.clone()));
+    assert_eq!(
+        from_api(&worker.admin_address(), &tenant),
+        ("redis".into(), expected.clone())
+    );
     drop(worker);
 
     // A fresh group reads the whole topic again: nothing counts twice.
@@ -263,7 +279,10 @@ async fn fifty_customers_twenty_messages_each(lock_mode: &str) {
     let worker = WorkerProcess::start(&again);
     wait_until_all_committed(&again, &worker).await;
     assert_eq!(in_mysql(&pool, &tenant).await, expected);
-    assert_eq!(in_redis(&redis_url(), &tenant).await, Some(expected.clone()));
+    assert_eq!(
+        in_redis(&redis_url(), &tenant).await,
+        Some(expected.clone())
+    );
     assert_eq!(from_api(&worker.admin_address(), &tenant).1, expected);
     finish(&env, worker, pool).await;
 }
@@ -275,7 +294,8 @@ async fn fifty_customers_times_twenty_messages_with_copies_count_once_everywhere
 }
 
 #[tokio::test]
-async fn fifty_customers_times_twenty_messages_with_copies_count_once_everywhere_without_the_lock() {
+async fn fifty_customers_times_twenty_messages_with_copies_count_once_everywhere_without_the_lock()
+{
     fifty_customers_twenty_messages_each("none").await;
 }
 
@@ -343,7 +363,10 @@ async fn expiry(lock_mode: &str) {
     wait_until_all_committed(&env, &worker).await;
     let address = worker.admin_address();
     let only_recent = Counts::from_map(BTreeMap::from([("recent".to_string(), 1)]), 1);
-    assert_eq!(from_api(&address, &tenant), ("redis".into(), only_recent.clone()));
+    assert_eq!(
+        from_api(&address, &tenant),
+        ("redis".into(), only_recent.clone())
+    );
     // The MySQL fallback judges the same way.
     let fallback = WorkerProcess::start(
         &env.clone()
@@ -415,15 +438,201 @@ async fn reconcile_reports_and_fixes_a_hand_corrupted_copy_and_a_dry_run_changes
     };
     let report = run(true);
     assert!(
-        report.contains(&format!("{tenant}/{PLATFORM}/{AGENT}: 1 conversation(s) off; total in Redis 11 -> 11 (MySQL 4)")),
+        report.contains(&format!(
+            "{tenant}/{PLATFORM}/{AGENT}: 1 conversation(s) off; total in Redis 11 -> 11 (MySQL 4)"
+        )),
         "{report}"
     );
     assert!(report.contains("1 drifted (would fix)"), "{report}");
     assert_eq!(in_redis(&redis_url(), &tenant).await.unwrap().total, 11);
     let report = run(false);
-    assert!(report.contains("total in Redis 11 -> 4 (MySQL 4)"), "{report}");
+    assert!(
+        report.contains("total in Redis 11 -> 4 (MySQL 4)"),
+        "{report}"
+    );
     assert_eq!(in_redis(&redis_url(), &tenant).await, Some(expected));
     assert!(run(true).contains("0 drifted"));
     pool.close().await;
     env.drop_database().await;
+}
+
+/// `count` messages of each of `customers` (ids from `first`), then a receipt for
+/// every second customer up to the middle of them.
+fn round(customers: &[String], first: i64, count: i64) -> Vec<Event> {
+    let mut events = Vec::new();
+    for (n, customer) in customers.iter().enumerate() {
+        for m in first..first + count {
+            events.push(Event::Message {
+                customer: customer.clone(),
+                id: format!("{customer}-{m}"),
+                at: 1_000 * m,
+            });
+        }
+        if n % 2 == 0 {
+            events.push(Event::Receipt {
+                customer: customer.clone(),
+                at: 1_000 * (first + count / 2),
+            });
+        }
+    }
+    events
+}
+
+/// Redis stopped mid-run while a worker stores, that worker killed during the outage,
+/// Redis started again empty, a new worker started (nothing more pushed: only the
+/// durable note can heal the copy); then Redis hung (SIGSTOP) while more is stored, and
+/// resumed with its stale copy. After each, Redis equals MySQL equals the model, read
+/// straight from Redis (a read through the API would rebuild the copy itself).
+async fn redis_outages(lock_mode: &str) {
+    let mut redis = crate::faults::PrivateRedis::start();
+    let tenant = unique("to");
+    let env = WorkerEnv::new(2)
+        .with("LOCK__MODE", lock_mode)
+        .with("REDIS__URL", &redis.url());
+    let (worker, pool) = start(&env).await;
+    let customers: Vec<String> = (0..5).map(|n| format!("cust-{n}")).collect();
+    let mut log = round(&customers, 0, 4);
+    push_all(&env.inbound, log.iter().map(|e| e.value(&tenant)).collect()).await;
+    wait_until_all_committed(&env, &worker).await;
+    wait_for_redis(&redis.url(), &tenant, &model(&log), &worker).await;
+
+    // Redis stops; the worker stores on, and is killed before Redis is back.
+    redis.kill();
+    let during = round(&customers, 4, 3);
+    push_all(
+        &env.inbound,
+        during.iter().map(|e| e.value(&tenant)).collect(),
+    )
+    .await;
+    wait_until_all_committed(&env, &worker).await;
+    log.extend(during);
+    assert_eq!(in_mysql(&pool, &tenant).await, model(&log));
+    let noted: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM unread_reconcile")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(noted, 1, "the agent was not noted for reconcile");
+    drop(worker);
+    redis.restart();
+    assert_eq!(
+        in_redis(&redis.url(), &tenant).await,
+        None,
+        "Redis came back with data"
+    );
+    let worker = WorkerProcess::start(&env);
+    wait_for_redis(&redis.url(), &tenant, &model(&log), &worker).await;
+
+    // Redis hangs with its copy; the worker stores on; Redis resumes, stale.
+    redis.signal("-STOP");
+    let hung = round(&customers, 7, 3);
+    push_all(
+        &env.inbound,
+        hung.iter().map(|e| e.value(&tenant)).collect(),
+    )
+    .await;
+    wait_until_all_committed(&env, &worker).await;
+    log.extend(hung);
+    redis.signal("-CONT");
+    let expected = model(&log);
+    assert_eq!(in_mysql(&pool, &tenant).await, expected);
+    wait_for_redis(&redis.url(), &tenant, &expected, &worker).await;
+    assert_eq!(
+        from_api(&worker.admin_address(), &tenant),
+        ("redis".into(), expected)
+    );
+    finish(&env, worker, pool).await;
+}
+
+#[tokio::test]
+async fn after_redis_stops_restarts_empty_and_hangs_with_a_worker_killed_during_the_outage_redis_heals_to_mysql(
+) {
+    redis_outages("redis").await;
+}
+
+#[tokio::test]
+async fn after_redis_stops_restarts_empty_and_hangs_with_a_worker_killed_during_the_outage_redis_heals_to_mysql_without_the_lock(
+) {
+    redis_outages("none").await;
+}
+
+/// A worker aborted right after its transaction committed (before Redis saw the change
+/// and before the offset moved) and restarted: the redelivered message adds nothing
+/// more in MySQL, and its copy carries the count to Redis.
+#[cfg(feature = "failpoints")]
+async fn redelivery_after_the_commit(lock_mode: &str) {
+    let tenant = unique("tf");
+    let env = WorkerEnv::new(1)
+        .with("LOCK__MODE", lock_mode)
+        .with_var("FAILPOINTS", "after_db_commit=return");
+    let (mut worker, pool) = start(&env).await;
+    push_all(&env.inbound, vec![message(&tenant, "crash", "m1", 5_000)]).await;
+    assert!(
+        !worker.wait_for_exit(WAIT).success(),
+        "the fail point should abort the worker"
+    );
+    let one = Counts::from_map(BTreeMap::from([("crash".to_string(), 1)]), 1);
+    assert_eq!(in_mysql(&pool, &tenant).await, one);
+    assert_eq!(in_redis(&redis_url(), &tenant).await, None);
+    let restarted = WorkerProcess::start(&env.without_extra());
+    wait_until_all_committed(&env, &restarted).await;
+    assert_eq!(in_mysql(&pool, &tenant).await, one);
+    wait_for_redis(&redis_url(), &tenant, &one, &restarted).await;
+    finish(&env, restarted, pool).await;
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test]
+async fn a_message_redelivered_after_a_crash_past_its_commit_counts_once_in_mysql_and_redis() {
+    redelivery_after_the_commit("redis").await;
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test]
+async fn a_message_redelivered_after_a_crash_past_its_commit_counts_once_in_mysql_and_redis_without_the_lock(
+) {
+    redelivery_after_the_commit("none").await;
+}
+
+/// Two copies of one message in one batch (one transaction), through the library's
+/// pipeline: one row, one unread, in MySQL and in Redis.
+async fn two_copies_in_one_batch(lock_mode: im_ingest::config::LockMode) {
+    use im_ingest::pipeline::{Outcome, Record};
+    let tenant = unique("tb");
+    let env = WorkerEnv::new(1);
+    let mut settings = env.settings();
+    settings.lock.mode = lock_mode;
+    im_ingest::store::migrate(&settings.database).await.unwrap();
+    let topics = im_ingest::consumer::ensure_topics(&settings).await.unwrap();
+    let pipeline = im_ingest::worker::build_pipeline(&settings, &topics)
+        .await
+        .unwrap();
+    let value = message(&tenant, "twice", "m1", 7_000);
+    let records = (0..2)
+        .map(|offset| Record {
+            topic: env.inbound.clone(),
+            partition: 0,
+            offset,
+            timestamp: Some(7_000),
+            key: None,
+            value: Some(value.clone().into_bytes()),
+            headers: None,
+        })
+        .collect();
+    let outcomes = pipeline.process_batch(records).await.unwrap();
+    assert_eq!(outcomes, [Outcome::Stored, Outcome::Duplicate]);
+    let one = Counts::from_map(BTreeMap::from([("twice".to_string(), 1)]), 1);
+    assert_eq!(in_mysql(&pipeline.pool, &tenant).await, one);
+    assert_eq!(in_redis(&redis_url(), &tenant).await, Some(one));
+    pipeline.pool.close().await;
+    env.drop_database().await;
+}
+
+#[tokio::test]
+async fn two_copies_of_a_message_in_one_batch_count_once_in_mysql_and_redis() {
+    two_copies_in_one_batch(im_ingest::config::LockMode::Redis).await;
+}
+
+#[tokio::test]
+async fn two_copies_of_a_message_in_one_batch_count_once_in_mysql_and_redis_without_the_lock() {
+    two_copies_in_one_batch(im_ingest::config::LockMode::None).await;
 }

@@ -8,6 +8,8 @@
 //! Redis is reported, not required: without it the worker stores correctly in degraded
 //! mode (a rollout must not stall on a Redis outage), so the body says whether Redis
 //! answers and whether the worker is degraded. Checks reuse their connections.
+//! `/v1/unread` answers from Redis, or from MySQL when Redis does not answer in time,
+//! within [`UNREAD_TIMEOUT`] or with 503.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,7 +27,7 @@ use redis::aio::MultiplexedConnection;
 use serde_json::json;
 use sqlx::MySqlPool;
 
-use crate::config::{LockMode, Settings};
+use crate::config::Settings;
 use crate::health::Health;
 use crate::pipeline::{Pipeline, RedisHealth};
 use crate::unread::copy::Agent;
@@ -36,6 +38,8 @@ use crate::unread::Unread;
 /// it may say.
 const UNREAD_PAGE: usize = 100;
 const UNREAD_PAGE_MAX: usize = 1000;
+/// The longest a `/v1/unread` answer may take (Redis, then MySQL).
+const UNREAD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long one dependency check may take before it counts as failed.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -49,8 +53,8 @@ const STALE_HEARTBEAT_MS: i64 = 30_000;
 struct AdminState {
     health: Arc<Health>,
     pool: MySqlPool,
-    /// `None` with `lock.mode = none`: the worker does not use Redis then.
-    redis: Option<Arc<RedisCheck>>,
+    /// Redis holds the locks (unless `lock.mode = none`) and the unread copy.
+    redis: Arc<RedisCheck>,
     redis_health: Arc<RedisHealth>,
     kafka: Arc<BaseConsumer>,
     metrics: PrometheusHandle,
@@ -70,14 +74,11 @@ pub async fn serve(
         .client_config()
         .create()
         .context("creating the Kafka client for readiness checks")?;
-    let redis = match settings.lock.mode {
-        LockMode::Redis => Some(Arc::new(RedisCheck {
-            client: redis::Client::open(settings.redis.url.expose())
-                .with_context(|| format!("invalid Redis URL {}", settings.redis.url))?,
-            connection: tokio::sync::Mutex::new(None),
-        })),
-        LockMode::None => None,
-    };
+    let redis = Arc::new(RedisCheck {
+        client: redis::Client::open(settings.redis.url.expose())
+            .with_context(|| format!("invalid Redis URL {}", settings.redis.url))?,
+        connection: tokio::sync::Mutex::new(None),
+    });
     let state = AdminState {
         health,
         pool: pipeline.pool.clone(),
@@ -126,7 +127,7 @@ async fn readyz(State(state): State<AdminState>) -> Response {
     let (kafka, mysql, redis) = tokio::join!(
         check_kafka(state.kafka.clone()),
         check_mysql(&state.pool),
-        check_redis(state.redis.as_deref())
+        check_redis(&state.redis)
     );
     let partitions = state.health.assigned_partitions();
     let assigned = if partitions > 0 {
@@ -139,15 +140,11 @@ async fn readyz(State(state): State<AdminState>) -> Response {
         Ok(()) => "ok".to_string(),
         Err(e) => e.clone(),
     };
-    let redis_state = match state.redis {
-        Some(_) => show(&redis),
-        None => "not used (lock.mode = none)".to_string(),
-    };
     let body = json!({
         "ready": ready,
         "kafka": show(&kafka),
         "mysql": show(&mysql),
-        "redis": redis_state,
+        "redis": show(&redis),
         "degraded": state.redis_health.is_degraded(),
         "partitions": partitions,
         "assignment": show(&assigned),
@@ -208,14 +205,17 @@ async fn unread(
         platform,
         agent_id,
     };
-    match state.unread.read(&agent, limit, cursor.as_ref()).await {
-        Ok(view) => Json(view).into_response(),
-        Err(error) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "error": format!("neither Redis nor MySQL answered: {error}") })),
-        )
-            .into_response(),
-    }
+    let read = state.unread.read(&agent, limit, cursor.as_ref());
+    let error = match tokio::time::timeout(UNREAD_TIMEOUT, read).await {
+        Ok(Ok(view)) => return Json(view).into_response(),
+        Ok(Err(error)) => error.to_string(),
+        Err(_) => format!("no answer within {} s", UNREAD_TIMEOUT.as_secs()),
+    };
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({ "error": format!("neither Redis nor MySQL answered: {error}") })),
+    )
+        .into_response()
 }
 
 async fn check_kafka(kafka: Arc<BaseConsumer>) -> Result<(), String> {
@@ -245,10 +245,7 @@ struct RedisCheck {
     connection: tokio::sync::Mutex<Option<MultiplexedConnection>>,
 }
 
-async fn check_redis(check: Option<&RedisCheck>) -> Result<(), String> {
-    let Some(check) = check else {
-        return Ok(());
-    };
+async fn check_redis(check: &RedisCheck) -> Result<(), String> {
     let ping = async {
         let mut slot = check.connection.lock().await;
         let mut connection = match slot.take() {

@@ -359,8 +359,8 @@ impl LockSettings {
 pub enum LockMode {
     /// Take the per-user lease lock in Redis; records meeting a held lock are delayed.
     Redis,
-    /// No lock and no Redis traffic: writes rely on the unique indexes only, and
-    /// concurrent writers of one user meet inside the database instead.
+    /// No lock: writes rely on the unique indexes only, and concurrent writers of one
+    /// user meet inside the database instead (Redis still holds the unread copy).
     None,
 }
 

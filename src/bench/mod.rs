@@ -62,6 +62,11 @@ pub struct BenchArgs {
     /// ratio is taken against it.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [ContenderKind::Ideal, ContenderKind::Shipped, ContenderKind::LockNone, ContenderKind::Naive, ContenderKind::Noop])]
     pub contenders: Vec<ContenderKind>,
+    /// Backlog scenarios: after every Nth message, a read receipt of its conversation up
+    /// to that message (sent twice, like the messages; not counted in the rates), to
+    /// measure what unread upkeep costs. 0: none.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub read_receipt_every: usize,
     /// Messages of the burst scenario (one new customer, 10 producers, each sent twice).
     #[arg(long, default_value_t = 5_000)]
     pub burst_messages: usize,
@@ -164,6 +169,7 @@ pub async fn run(
         users: args.users,
         messages: args.messages,
         burst_messages: args.burst_messages,
+        read_receipt_every: args.read_receipt_every,
         warmup: Duration::from_secs(args.warmup_secs),
         window: Duration::from_secs(args.window_secs),
         timeout: Duration::from_secs(args.trial_timeout_secs),

@@ -50,6 +50,8 @@ pub struct Bench {
     pub users: usize,
     pub messages: usize,
     pub burst_messages: usize,
+    /// Backlog: a read receipt after every Nth message (0: none).
+    pub read_receipt_every: usize,
     pub warmup: Duration,
     pub window: Duration,
     pub timeout: Duration,
@@ -254,6 +256,7 @@ impl Bench {
                     &names.inbound,
                     &sent,
                     spec.scenario.keys(),
+                    self.read_receipt_every,
                 )
                 .await?,
             )

@@ -92,6 +92,19 @@ impl BenchMessage {
         })
         .to_string()
     }
+
+    /// A read receipt of this message's conversation, up to this message.
+    pub fn read_receipt_json(&self) -> String {
+        serde_json::json!({
+            "type": "read",
+            "tenant_id": TENANT,
+            "platform": PLATFORM,
+            "from_user_id": self.user_id,
+            "to_user_id": self.agent_id,
+            "timestamp": self.sent_at,
+        })
+        .to_string()
+    }
 }
 
 /// `count` messages of a trial, stamped with fixed, distinct times.
@@ -131,11 +144,14 @@ pub struct HeldBacklog {
 impl HeldBacklog {
     /// Sends every message [`COPIES`] times inside one transaction, leaving it open;
     /// with [`Keys::None`] the records carry no key (the partitioner spreads them).
+    /// With `receipt_every` N > 0, every Nth message is followed by a read receipt of
+    /// its conversation up to it ([`COPIES`] times too).
     pub async fn send(
         kafka: &KafkaSettings,
         topic: &str,
         messages: &[BenchMessage],
         keys: Keys,
+        receipt_every: usize,
     ) -> anyhow::Result<Self> {
         let producer: FutureProducer = kafka
             .client_config()
@@ -158,7 +174,7 @@ impl HeldBacklog {
              transaction state log: transaction.state.log.replication.factor and \
              min.isr no larger than its broker count)",
         )?;
-        let ends = send_with(&producer, topic, messages, keys).await?;
+        let ends = send_with(&producer, topic, messages, keys, receipt_every).await?;
         Ok(Self { producer, ends })
     }
 
@@ -186,7 +202,7 @@ pub async fn send_all(
     topic: &str,
     messages: &[BenchMessage],
 ) -> anyhow::Result<PartitionEnds> {
-    send_with(producer, topic, messages, Keys::Random).await
+    send_with(producer, topic, messages, Keys::Random, 0).await
 }
 
 async fn send_with(
@@ -194,6 +210,7 @@ async fn send_with(
     topic: &str,
     messages: &[BenchMessage],
     keys: Keys,
+    receipt_every: usize,
 ) -> anyhow::Result<PartitionEnds> {
     let mut ends = PartitionEnds::new();
     let mut note = |(partition, offset): (i32, i64)| {
@@ -201,18 +218,23 @@ async fn send_with(
         *end = (*end).max(offset + 1);
     };
     let mut pending = JoinSet::new();
-    for message in messages {
-        for _ in 0..COPIES {
-            if pending.len() >= IN_FLIGHT_SENDS {
-                note(pending.join_next().await.expect("not empty")??);
+    for (n, message) in messages.iter().enumerate() {
+        let receipt = receipt_every > 0 && (n + 1) % receipt_every == 0;
+        let values = std::iter::once(message.to_json())
+            .chain(receipt.then(|| message.read_receipt_json()));
+        for value in values {
+            for _ in 0..COPIES {
+                if pending.len() >= IN_FLIGHT_SENDS {
+                    note(pending.join_next().await.expect("not empty")??);
+                }
+                pending.spawn(send_one(
+                    producer.clone(),
+                    topic.to_string(),
+                    value.clone(),
+                    message.sent_at,
+                    keys,
+                ));
             }
-            pending.spawn(send_one(
-                producer.clone(),
-                topic.to_string(),
-                message.to_json(),
-                message.sent_at,
-                keys,
-            ));
         }
     }
     while let Some(result) = pending.join_next().await {

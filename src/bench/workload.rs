@@ -220,8 +220,8 @@ async fn send_with(
     let mut pending = JoinSet::new();
     for (n, message) in messages.iter().enumerate() {
         let receipt = receipt_every > 0 && (n + 1) % receipt_every == 0;
-        let values = std::iter::once(message.to_json())
-            .chain(receipt.then(|| message.read_receipt_json()));
+        let values =
+            std::iter::once(message.to_json()).chain(receipt.then(|| message.read_receipt_json()));
         for value in values {
             for _ in 0..COPIES {
                 if pending.len() >= IN_FLIGHT_SENDS {

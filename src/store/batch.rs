@@ -234,29 +234,44 @@ async fn update_unread(
             BatchItem::Receipt(r) => session.receipt(r.read_up_to),
         }
     }
+    // Each changed session's next state; those planned for a recount (or a new expiry
+    // watermark first) are completed from their rows below.
     let mut next: BTreeMap<i64, SessionState> = BTreeMap::new();
-    let mut recount: BTreeMap<i64, i64> = BTreeMap::new();
+    let mut recount: Vec<i64> = Vec::new();
+    let mut rederive: Vec<i64> = Vec::new();
     let mut touched = Vec::with_capacity(arrivals.len());
     for (key, (arrival, customer)) in &arrivals {
         let (id, old) = sessions[*key];
-        let state = match unread::plan(&old, arrival, rules.expire_after_ms) {
-            Plan::Keep => old,
-            Plan::Set(state) => {
-                next.insert(id, state);
-                state
-            }
-            Plan::Recount(state) => {
-                recount.insert(id, state.read_up_to.unwrap_or(i64::MIN));
-                next.insert(id, state);
-                state
-            }
-        };
-        touched.push((id, *key, *customer, state));
-    }
-    for (id, count) in count_unread(connection, &recount).await? {
-        if let Some(state) = next.get_mut(&id) {
-            state.unread = count;
+        let (state, count_again, derive_again) =
+            match unread::plan(&old, arrival, rules.expire_after_ms) {
+                Plan::Keep => (None, false, false),
+                Plan::Set(state) => (Some(state), false, false),
+                Plan::Recount(state) => (Some(state), true, false),
+                Plan::Rederive(state) => (Some(state), true, true),
+            };
+        if let Some(state) = state {
+            next.insert(id, state);
         }
+        if count_again {
+            recount.push(id);
+        }
+        if derive_again {
+            rederive.push(id);
+        }
+        touched.push((id, *key, *customer, old));
+    }
+    if let Some(limit) = rules.expire_after_ms.filter(|_| !rederive.is_empty()) {
+        let derived = derive_expiry(connection, &rederive, limit).await?;
+        for id in &rederive {
+            next.get_mut(id).expect("planned").expired_up_to = derived.get(id).copied();
+        }
+    }
+    let watermarks: BTreeMap<i64, i64> = recount
+        .iter()
+        .map(|id| (*id, next[id].watermark().unwrap_or(i64::MIN)))
+        .collect();
+    for (id, count) in count_unread(connection, &watermarks).await? {
+        next.get_mut(&id).expect("planned").unread = count;
     }
     set_unread(connection, &next).await?;
     Ok(touched
@@ -310,6 +325,31 @@ async fn count_unread(
         .collect())
 }
 
+/// `expired_up_to` of each session of `ids` that has one: just before its newest message
+/// sent more than `expire_after` ms after the message before it (see `unread`), in one
+/// statement.
+async fn derive_expiry(
+    connection: &mut MySqlConnection,
+    ids: &[i64],
+    expire_after: i64,
+) -> Result<HashMap<i64, i64>, sqlx::Error> {
+    let mut query = QueryBuilder::<MySql>::new(
+        "SELECT session_id, MAX(sent_at) - 1 FROM (SELECT session_id, sent_at, \
+         LAG(sent_at) OVER (PARTITION BY session_id ORDER BY sent_at) AS previous \
+         FROM message FORCE INDEX (ix_message_session_sent) WHERE session_id IN (",
+    );
+    let mut list = query.separated(", ");
+    for id in ids {
+        list.push_bind(*id);
+    }
+    query
+        .push(")) AS spans WHERE sent_at - previous > ")
+        .push_bind(expire_after)
+        .push(" GROUP BY session_id");
+    let rows: Vec<(i64, i64)> = query.build_query_as().fetch_all(connection).await?;
+    Ok(rows.into_iter().collect())
+}
+
 /// Stores the new unread state of the sessions in `next`, in one statement.
 async fn set_unread(
     connection: &mut MySqlConnection,
@@ -320,8 +360,9 @@ async fn set_unread(
     }
     let mut update = QueryBuilder::<MySql>::new("UPDATE session SET ");
     type Column = (&'static str, fn(&SessionState) -> Option<i64>);
-    let columns: [Column; 4] = [
+    let columns: [Column; 5] = [
         ("read_up_to", |s| s.read_up_to),
+        ("expired_up_to", |s| s.expired_up_to),
         ("last_message_at", |s| s.last_message_at),
         ("unread_count", |s| Some(i64::from(s.unread))),
         ("unread_version", |s| i64::try_from(s.version).ok()),
@@ -549,23 +590,36 @@ async fn locked_sessions<'k>(
     for (scope, customer) in customers.into_keys() {
         by_scope.entry(scope).or_default().push(customer);
     }
-    type Row = (i64, i64, String, Option<i64>, Option<i64>, u32, u64);
+    type Row = (
+        i64,
+        i64,
+        String,
+        Option<i64>,
+        Option<i64>,
+        Option<i64>,
+        u32,
+        u64,
+    );
     let mut sessions = HashMap::new();
     for (scope, customers) in by_scope {
         let rows: Vec<Row> = select_in_scope(
             connection,
-            "SELECT id, customer_id, CAST(agent_id AS CHAR), read_up_to, last_message_at, \
-             unread_count, unread_version FROM session FORCE INDEX (uk_session_natural)",
+            "SELECT id, customer_id, CAST(agent_id AS CHAR), read_up_to, expired_up_to, \
+             last_message_at, unread_count, unread_version \
+             FROM session FORCE INDEX (uk_session_natural)",
             scope,
             "customer_id",
             customers,
         )
         .await?;
-        for (id, customer, agent, read_up_to, last_message_at, unread, version) in rows {
+        for (id, customer, agent, read_up_to, expired_up_to, last_message_at, unread, version) in
+            rows
+        {
             let key = (scope.clone(), customer, agent);
             if wanted.contains(&key) {
                 let state = SessionState {
                     read_up_to,
+                    expired_up_to,
                     last_message_at,
                     unread,
                     version,

@@ -1,25 +1,39 @@
 //! A conversation's unread count as the truth in MySQL keeps it: `session.read_up_to`
-//! (the read watermark), `session.unread_count` and `session.unread_version`.
+//! (the read watermark), `session.expired_up_to` (the watermark expiry implies),
+//! `session.unread_count` and `session.unread_version`.
 //!
 //! Guarantee: after any set of messages and read receipts has been written, in any
-//! order, in any batches, any number of times, a session's `unread_count` is the
-//! number of its messages sent after its watermark, and the watermark is the latest
-//! read receipt's (`GREATEST`) — or, with expiry, just before the first message after a
-//! silence longer than the expiry (see [`plan`]). Each change of the state increases
-//! the version by one, so a copy elsewhere can keep the newest.
+//! order, in any batches, any number of times, a session's `read_up_to` is the newest
+//! receipt's watermark (`GREATEST`), its `expired_up_to` — with expiry on — is just
+//! before the newest message that followed a silence longer than the expiry (in event
+//! time: between the message and the one sent before it), and its `unread_count` is the
+//! number of its messages sent after both. Each change of the state increases the
+//! version by one, so a copy elsewhere can keep the newest.
 //!
 //! The decision is pure ([`plan`]): the batch transaction reads each session's state
-//! after locking its row (the session upsert) and before changing it, so no other
-//! writer's messages or receipts can come in between (every writer of a session's
-//! messages takes that row lock first).
+//! after locking its customer (see `batch`) and before changing it, so no other
+//! writer's messages or receipts can come in between. When the state cannot be told
+//! from what the batch brings, the plan says which rows to read: a recount, or — for a
+//! message sent before the session's newest one, which may fill a silence — the
+//! expiry watermark derived again from every message's gap.
 
 /// A session's unread state, as stored.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct SessionState {
+    /// The newest read receipt's watermark.
     pub read_up_to: Option<i64>,
+    /// Just before the newest message that followed a silence longer than the expiry.
+    pub expired_up_to: Option<i64>,
     pub last_message_at: Option<i64>,
     pub unread: u32,
     pub version: u64,
+}
+
+impl SessionState {
+    /// Messages sent after this are unread.
+    pub fn watermark(&self) -> Option<i64> {
+        max_option(self.read_up_to, self.expired_up_to)
+    }
 }
 
 /// What one batch brings to one session.
@@ -35,14 +49,14 @@ pub(crate) struct Arrivals {
 
 impl Arrivals {
     pub fn message(&mut self, sent_at: i64, inserted: bool) {
-        self.latest_message_at = Some(self.latest_message_at.map_or(sent_at, |t| t.max(sent_at)));
+        self.latest_message_at = max_option(self.latest_message_at, Some(sent_at));
         if inserted {
             self.new_sent_at.push(sent_at);
         }
     }
 
     pub fn receipt(&mut self, read_up_to: i64) {
-        self.read_up_to = Some(self.read_up_to.map_or(read_up_to, |t| t.max(read_up_to)));
+        self.read_up_to = max_option(self.read_up_to, Some(read_up_to));
     }
 }
 
@@ -56,48 +70,75 @@ pub(crate) enum Plan {
     /// The watermark moved: the count must be taken again from the messages (the new
     /// state's `unread` is a placeholder until then).
     Recount(SessionState),
+    /// With expiry on, a message arrived that was sent before the session's newest:
+    /// `expired_up_to` must be derived again from all the session's messages, then the
+    /// count taken again (both placeholders until then).
+    Rederive(SessionState),
 }
 
-/// The session's next state. Messages after the watermark add one each; a receipt that
-/// moves the watermark forward asks for a recount. With `expire_after` (ms), a new
-/// message sent more than that after the session's newest one (in event time) first
-/// moves the watermark to just before itself, so the silence's leftovers stop counting
-/// and the message counts from 1 — the same rule the read side applies to a
-/// conversation whose newest message is that old.
+/// The session's next state; see the module guarantee. `expire_after` in ms.
 pub(crate) fn plan(old: &SessionState, arrivals: &Arrivals, expire_after: Option<i64>) -> Plan {
-    let mut watermark = max_option(old.read_up_to, arrivals.read_up_to);
-    let mut newest = old.last_message_at;
     let mut new_sent_at = arrivals.new_sent_at.clone();
     new_sent_at.sort_unstable();
-    for &sent_at in &new_sent_at {
-        if let (Some(limit), Some(previous)) = (expire_after, newest) {
-            if sent_at.saturating_sub(previous) > limit {
-                watermark = max_option(watermark, Some(sent_at - 1));
+    let late = match (expire_after, old.last_message_at, new_sent_at.first()) {
+        (Some(_), Some(newest), Some(first)) => *first < newest,
+        _ => false,
+    };
+    let mut expired_up_to = old.expired_up_to;
+    let mut newest = old.last_message_at;
+    if let (Some(limit), false) = (expire_after, late) {
+        // In order: each new message's predecessor is the newest before it.
+        for &sent_at in &new_sent_at {
+            if newest.is_some_and(|previous| sent_at.saturating_sub(previous) > limit) {
+                expired_up_to = max_option(expired_up_to, Some(sent_at - 1));
             }
+            newest = max_option(newest, Some(sent_at));
         }
-        newest = max_option(newest, Some(sent_at));
     }
-    let last_message_at = max_option(newest, arrivals.latest_message_at);
     let next = SessionState {
-        read_up_to: watermark,
-        last_message_at,
+        read_up_to: max_option(old.read_up_to, arrivals.read_up_to),
+        expired_up_to,
+        last_message_at: max_option(old.last_message_at, arrivals.latest_message_at),
         unread: old.unread,
         version: old.version + 1,
     };
-    if watermark != old.read_up_to {
+    if late {
+        return Plan::Rederive(next);
+    }
+    if next.watermark() != old.watermark() {
         return Plan::Recount(next);
     }
+    let watermark = next.watermark();
     let added = new_sent_at
         .iter()
         .filter(|&&sent_at| watermark.is_none_or(|w| sent_at > w))
         .count() as u32;
-    if added == 0 && last_message_at == old.last_message_at {
+    let unchanged = SessionState {
+        unread: old.unread,
+        version: old.version,
+        ..next
+    } == *old;
+    if added == 0 && unchanged {
         return Plan::Keep;
     }
     Plan::Set(SessionState {
         unread: old.unread + added,
         ..next
     })
+}
+
+/// `expired_up_to` of a session whose messages were sent at `sent_at` (any order): just
+/// before the newest message sent more than `expire_after` ms after the one before it.
+/// The rule [`plan`] applies message by message, and the batch's derivation in SQL.
+#[cfg(test)]
+fn derived_expiry(sent_at: &[i64], expire_after: i64) -> Option<i64> {
+    let mut sorted = sent_at.to_vec();
+    sorted.sort_unstable();
+    sorted
+        .windows(2)
+        .filter(|pair| pair[1] - pair[0] > expire_after)
+        .map(|pair| pair[1] - 1)
+        .max()
 }
 
 fn max_option(a: Option<i64>, b: Option<i64>) -> Option<i64> {
@@ -116,6 +157,7 @@ mod tests {
     fn state(read_up_to: Option<i64>, last: Option<i64>, unread: u32) -> SessionState {
         SessionState {
             read_up_to,
+            expired_up_to: None,
             last_message_at: last,
             unread,
             version: 7,
@@ -144,6 +186,7 @@ mod tests {
             plan,
             Plan::Set(SessionState {
                 read_up_to: Some(100),
+                expired_up_to: None,
                 last_message_at: Some(300),
                 unread: 4,
                 version: 8,
@@ -168,6 +211,7 @@ mod tests {
             plan,
             Plan::Set(SessionState {
                 read_up_to: Some(500),
+                expired_up_to: None,
                 last_message_at: Some(400),
                 unread: 0,
                 version: 8,
@@ -194,6 +238,24 @@ mod tests {
     }
 
     #[test]
+    fn a_receipt_below_the_expiry_watermark_is_kept_without_a_recount() {
+        let old = SessionState {
+            expired_up_to: Some(500),
+            ..state(Some(100), Some(600), 1)
+        };
+        let mut receipt = Arrivals::default();
+        receipt.receipt(300);
+        assert_eq!(
+            plan(&old, &receipt, Some(7 * DAY)),
+            Plan::Set(SessionState {
+                read_up_to: Some(300),
+                version: 8,
+                ..old
+            })
+        );
+    }
+
+    #[test]
     fn a_first_receipt_on_a_session_without_messages_sets_its_watermark() {
         let mut receipt = Arrivals::default();
         receipt.receipt(10);
@@ -215,7 +277,8 @@ mod tests {
         assert_eq!(
             plan(&old, &messages(&[late], &[]), Some(7 * DAY)),
             Plan::Recount(SessionState {
-                read_up_to: Some(late - 1),
+                read_up_to: None,
+                expired_up_to: Some(late - 1),
                 last_message_at: Some(late),
                 unread: 5,
                 version: 8,
@@ -242,7 +305,44 @@ mod tests {
         );
         assert!(matches!(
             together,
-            Plan::Recount(SessionState { read_up_to: Some(w), .. }) if w == second - 1
+            Plan::Recount(SessionState { expired_up_to: Some(w), .. }) if w == second - 1
         ));
+    }
+
+    #[test]
+    fn with_expiry_a_message_sent_before_the_newest_asks_for_the_expiry_to_be_derived_again() {
+        let old = state(None, Some(9 * DAY), 1);
+        assert!(matches!(
+            plan(&old, &messages(&[3 * DAY], &[]), Some(7 * DAY)),
+            Plan::Rederive(_)
+        ));
+        // Without expiry, a late message just counts.
+        assert!(matches!(
+            plan(&old, &messages(&[3 * DAY], &[]), None),
+            Plan::Set(SessionState { unread: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn in_order_the_plan_gives_the_derived_expiry_and_a_gap_filled_later_is_not_one() {
+        let limit = 7 * DAY;
+        // 0d, 9d, 20d in order: silences before 9d and 20d.
+        let mut state = SessionState::default();
+        for at in [0, 9 * DAY, 20 * DAY] {
+            state = match plan(&state, &messages(&[at], &[]), Some(limit)) {
+                Plan::Set(next) | Plan::Recount(next) => next,
+                other => panic!("{other:?}"),
+            };
+        }
+        assert_eq!(
+            state.expired_up_to,
+            derived_expiry(&[0, 9 * DAY, 20 * DAY], limit)
+        );
+        assert_eq!(state.expired_up_to, Some(20 * DAY - 1));
+        // 3d and 15d fill both silences: no expiry at all, whatever the order.
+        assert_eq!(
+            derived_expiry(&[20 * DAY, 3 * DAY, 0, 15 * DAY, 9 * DAY], limit),
+            None
+        );
     }
 }

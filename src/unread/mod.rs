@@ -126,13 +126,19 @@ impl Unread {
         ))
     }
 
-    /// The agent's copy, rebuilt from MySQL first when it is incomplete.
+    /// The agent's copy, rebuilt from MySQL first when it is incomplete (an agent with
+    /// no conversation anywhere gets no key: reads of unknown agents write nothing).
     async fn read_redis(&self, agent: &Agent) -> anyhow::Result<copy::StoredCopy> {
         let stored = self.copy.read(agent).await?;
         if stored.total.is_some() {
             return Ok(stored);
         }
-        self.rebuild(agent).await?;
+        let truth = source::conversations(&self.pool, agent).await?;
+        if truth.is_empty() && stored.conversations.is_empty() {
+            return Ok(stored);
+        }
+        self.copy.rebuild(agent, &truth, false).await?;
+        metrics::counter!("im_ingest_unread_rebuilds_total").increment(1);
         Ok(self.copy.read(agent).await?)
     }
 }

@@ -636,3 +636,47 @@ async fn two_copies_of_a_message_in_one_batch_count_once_in_mysql_and_redis() {
 async fn two_copies_of_a_message_in_one_batch_count_once_in_mysql_and_redis_without_the_lock() {
     two_copies_in_one_batch(im_ingest::config::LockMode::None).await;
 }
+
+#[tokio::test]
+async fn the_read_api_names_a_missing_parameter_a_bad_limit_and_a_foreign_cursor() {
+    let env = WorkerEnv::new(1);
+    let (worker, pool) = start(&env).await;
+    let address = worker.admin_address();
+    for (path, expected) in [
+        (
+            "/v1/unread?tenant=t&platform=2",
+            "tenant, platform and agent are required",
+        ),
+        (
+            "/v1/unread?tenant=t&platform=2&agent=a&limit=0",
+            "limit must be 1 to 1000",
+        ),
+        ("/v1/unread?tenant=t&platform=2&agent=a&limit=ten", "limit"),
+        (
+            "/v1/unread?tenant=t&platform=2&agent=a&cursor=nonsense",
+            "cursor is not one this API gave",
+        ),
+    ] {
+        let (status, body) = get(&address, path);
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(body.contains(expected), "{path}: {body}");
+    }
+    // An agent without conversations: an empty answer, and no key made for it.
+    let tenant = unique("tn");
+    let (status, body) = get(
+        &address,
+        &format!("/v1/unread?tenant={tenant}&platform={PLATFORM}&agent={AGENT}"),
+    );
+    assert_eq!(
+        (status, body.as_str()),
+        (200, r#"{"source":"redis","total":0,"sessions":[]}"#)
+    );
+    let mut redis = crate::helpers::redis_connection().await;
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(key(&tenant))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(!exists, "a read of an unknown agent made a key");
+    finish(&env, worker, pool).await;
+}

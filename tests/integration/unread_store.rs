@@ -250,10 +250,90 @@ async fn with_expiry_a_message_after_a_long_silence_counts_from_one() {
     assert_eq!(stored(&pool).await[&customer].1, 3);
     let late = old + 8 * DAY;
     write(&pool, &[message(&customer, "late", late)], rules).await;
-    let (w, unread, _) = stored(&pool).await[&customer];
-    assert_eq!((w, unread), (Some(late - 1), 1));
+    let (receipts, unread, _) = stored(&pool).await[&customer];
+    assert_eq!((receipts, unread), (None, 1));
+    assert_eq!(expired_up_to(&pool, &customer).await, Some(late - 1));
     pool.close().await;
     db.drop_now().await;
+}
+
+async fn expired_up_to(pool: &MySqlPool, customer: &str) -> Option<i64> {
+    sqlx::query_scalar(
+        "SELECT s.expired_up_to FROM session s JOIN customer c ON c.id = s.customer_id \
+         WHERE c.external_user_id = ?",
+    )
+    .bind(customer)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn with_expiry_every_arrival_order_and_batching_gives_the_counts_of_the_silences_between_messages(
+) {
+    let (db, pool) = migrated_pool().await;
+    let rules = UnreadRules {
+        expire_after_ms: Some(7 * DAY),
+    };
+    let mut rng = StdRng::seed_from_u64(7);
+    // Silences of 11 and 14 days end at 20d and 35d: only 35d (and 35d + 1 h) count.
+    let days = [
+        0,
+        3 * DAY,
+        9 * DAY,
+        20 * DAY,
+        21 * DAY,
+        35 * DAY,
+        35 * DAY + 3_600_000,
+    ];
+    // The same, with 15d filling the first silence and 28d the second: no silence left.
+    let filled = [
+        0,
+        3 * DAY,
+        9 * DAY,
+        15 * DAY,
+        20 * DAY,
+        21 * DAY,
+        28 * DAY,
+        35 * DAY,
+    ];
+    for (sent, expected_unread, expected_expiry) in
+        [(&days[..], 2, Some(35 * DAY - 1)), (&filled[..], 8, None)]
+    {
+        for round in 0..6 {
+            let customer = unique(&format!("order{round}"));
+            let mut events: Vec<Event> = sent
+                .iter()
+                .enumerate()
+                .map(|(n, at)| message(&customer, &format!("{customer}-{n}"), *at))
+                .collect();
+            events.shuffle(&mut rng);
+            while !events.is_empty() {
+                let size = rng.random_range(1..=3).min(events.len());
+                let batch: Vec<Event> = events.drain(..size).collect();
+                write(&pool, &batch, rules).await;
+            }
+            let (_, unread, _) = stored(&pool).await[&customer];
+            assert_eq!(unread, expected_unread, "{customer}: {sent:?}");
+            assert_eq!(expired_up_to(&pool, &customer).await, expected_expiry);
+        }
+    }
+    assert_eq!(counts_off_their_rows_with_expiry(&pool).await, 0);
+    pool.close().await;
+    db.drop_now().await;
+}
+
+/// Sessions whose stored count differs from a recount of their rows after both
+/// watermarks.
+async fn counts_off_their_rows_with_expiry(pool: &MySqlPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT COUNT(*) FROM session s WHERE s.unread_count <> (SELECT COUNT(*) FROM message m \
+         WHERE m.session_id = s.id AND m.sent_at > GREATEST(COALESCE(s.read_up_to, -1), \
+         COALESCE(s.expired_up_to, -1)))",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
 }
 
 /// Waits until a batch's customer upsert waits (for the row lock another writer holds).

@@ -125,14 +125,23 @@ const RECONCILE_TURN: u32 = 100;
 
 /// Rebuilds the Redis copy of agents noted while Redis was unreachable, by this process
 /// or an earlier one, once Redis answers again (see `unread::reconcile`): every
-/// `period`, as many as there are; a failure (Redis still down) waits for the next.
+/// `period`, and at once again after a full turn that rebuilt every agent it read.
 async fn reconcile_noted_agents(unread: Unread, period: Duration) {
     loop {
         tokio::time::sleep(period).await;
         loop {
             match reconcile::drain_noted(&unread.pool, &unread.copy, RECONCILE_TURN).await {
-                Ok(0) => break,
-                Ok(agents) => tracing::info!(agents, "unread copies reconciled after an outage"),
+                Ok((read, rebuilt)) => {
+                    if rebuilt > 0 {
+                        tracing::info!(
+                            agents = rebuilt,
+                            "unread copies reconciled after an outage"
+                        );
+                    }
+                    if read < RECONCILE_TURN as usize || rebuilt < read {
+                        break;
+                    }
+                }
                 Err(error) => {
                     tracing::debug!(
                         error = format!("{error:#}"),

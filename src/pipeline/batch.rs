@@ -19,13 +19,14 @@ use super::contention::{changed_hands, lock_held_message};
 use super::degraded::RedisHealth;
 use super::route::Route;
 use super::stage::{Unit, UnitReply};
+use super::write::UnreadChanges;
 use super::{Job, Outcome, LOCK_HELD_FQCN};
 use crate::config::LockMode;
 use crate::lock::{Acquire, LockClient, LockGuard};
 use crate::message::{Inbound, UserKey, INVALID_MESSAGE_FQCN};
 use crate::retry::policy::{NextStep, RetryPolicy};
 use crate::retry::publish::Publisher;
-use crate::store::{BatchConnection, ConversationUnread, UnreadRules};
+use crate::store::{BatchConnection, UnreadRules};
 use crate::unread::Unread;
 
 /// What the stages need; shared by every batch.
@@ -121,6 +122,9 @@ impl Stages {
         let started = Instant::now();
         let unread = self.write(&mut connection, &mut batch).await;
         timed("write", started);
+        // Back to the pool before Redis: the unread copy may need a connection of its
+        // own (a note, a rebuild), and must not wait for one this batch holds.
+        drop(connection);
         let started = Instant::now();
         let guards = batch.iter_mut().filter_map(|p| p.guard.take()).collect();
         self.release(guards).await;
@@ -292,11 +296,13 @@ impl Stages {
     /// reconcile while Redis is failing (degraded mode, whatever `lock.mode`). Before
     /// the batch is answered, so a crash before the note leaves the records to be
     /// processed again (a copy carries its conversation's state again).
-    async fn publish_unread(&self, changes: &[ConversationUnread]) {
+    async fn publish_unread(&self, changes: &UnreadChanges) {
+        self.unread.note_uncertain(&changes.uncertain).await;
         let try_redis = self.redis_health.should_try_lock(Instant::now());
-        if let Some(error) = self.unread.publish(changes, try_redis).await {
+        let committed = &changes.committed;
+        if let Some(error) = self.unread.publish(committed, try_redis).await {
             self.redis_health.record_failure(Instant::now(), &error);
-        } else if try_redis && !changes.is_empty() {
+        } else if try_redis && !committed.is_empty() {
             self.redis_health.record_success();
         }
     }

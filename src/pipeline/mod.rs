@@ -125,10 +125,12 @@ impl Pipeline {
         redis_probe_interval: Duration,
     ) -> Self {
         let retry_trust = Arc::new(RetryTrust::new(&policy, &retry_topic_prefix));
+        let redis_health = Arc::new(RedisHealth::new(redis_probe_interval));
         let unread = Unread {
             pool: pool.clone(),
             copy: UnreadCopy::new(locks.connection()),
             expire_after: None,
+            redis_health: redis_health.clone(),
         };
         let stages = Arc::new(Stages {
             pool: pool.clone(),
@@ -138,7 +140,7 @@ impl Pipeline {
             retry_topic_prefix,
             dlq_topic,
             lock_mode: LockMode::Redis,
-            redis_health: Arc::new(RedisHealth::new(redis_probe_interval)),
+            redis_health,
             stalled_users: Arc::default(),
             unread_rules: UnreadRules::default(),
             unread,

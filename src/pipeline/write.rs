@@ -20,14 +20,27 @@ use super::batch::{Pending, Stages, Step};
 use super::route::Route;
 use super::{Job, Outcome};
 use crate::lock::LockGuard;
+use std::collections::BTreeSet;
+
 use crate::message::Inbound;
 use crate::retry::policy::NextStep;
 use crate::store::{
     self, BatchConnection, BatchItem, BatchWriteError, ConversationUnread, Provenance, WriteOutcome,
 };
+use crate::unread::copy::Agent;
 
 /// Error class of messages whose rows the database refuses (DESIGN.md, "Dead-letter").
 pub const DATABASE_REJECTED_FQCN: &str = "im_ingest::DatabaseRejected";
+
+/// What the write stage hands to the unread copy (see `unread`).
+#[derive(Debug, Default)]
+pub(super) struct UnreadChanges {
+    /// The unread state of every conversation a committed transaction touched.
+    pub committed: Vec<ConversationUnread>,
+    /// Agents of a write given up while it may have committed (a stall that the
+    /// database did not answer): their copies are reconciled from MySQL.
+    pub uncertain: BTreeSet<Agent>,
+}
 
 /// Why a user batch's writes were left to a later attempt.
 #[derive(Debug, Clone, Copy)]
@@ -68,14 +81,13 @@ impl Abandoned {
 
 impl Stages {
     /// Writes every message and read receipt of the batch that is to be written (see
-    /// the module guarantee); returns the unread state of the conversations that the
-    /// committed transactions touched.
+    /// the module guarantee); returns what the unread copy must learn.
     pub(super) async fn write(
         &self,
         connection: &mut BatchConnection,
         batch: &mut [Pending],
-    ) -> Vec<ConversationUnread> {
-        let mut unread = Vec::new();
+    ) -> UnreadChanges {
+        let mut unread = UnreadChanges::default();
         let writers: Vec<usize> = (0..batch.len())
             .filter(|unit| batch[*unit].to_write().next().is_some())
             .collect();
@@ -112,7 +124,7 @@ impl Stages {
         connection: &mut BatchConnection,
         batch: &mut [Pending],
         units: Vec<usize>,
-        unread: &mut Vec<ConversationUnread>,
+        unread: &mut UnreadChanges,
     ) -> Vec<usize> {
         let provenances: Vec<Vec<(usize, Provenance)>> = units
             .iter()
@@ -130,7 +142,7 @@ impl Stages {
         match written {
             Ok(written) => {
                 committed();
-                unread.extend(written.unread);
+                unread.committed.extend(written.unread);
                 let mut outcomes = written.outcomes.into_iter();
                 for (unit, own) in units.iter().zip(&provenances) {
                     for (index, _) in own {
@@ -179,7 +191,7 @@ impl Stages {
         &self,
         connection: &mut BatchConnection,
         pending: &mut Pending,
-        unread: &mut Vec<ConversationUnread>,
+        unread: &mut UnreadChanges,
     ) {
         if self.abandon_if_lease_lost(pending) {
             return;
@@ -194,7 +206,7 @@ impl Stages {
         match written {
             Ok(written) => {
                 committed();
-                unread.extend(written.unread);
+                unread.committed.extend(written.unread);
                 for ((index, _), outcome) in own.iter().zip(written.outcomes) {
                     pending.steps[*index] = settled(outcome);
                 }
@@ -205,7 +217,12 @@ impl Stages {
             Err(BatchWriteError::WouldOutlastHold) => {
                 self.abandon(pending, Abandoned::HoldExceeded)
             }
-            Err(error) => unsettle_from(pending, own.first().map(|(i, _)| *i), error),
+            Err(error) => {
+                if matches!(error, BatchWriteError::Stalled(_)) {
+                    unread.uncertain.extend(agents(pending));
+                }
+                unsettle_from(pending, own.first().map(|(i, _)| *i), error)
+            }
         }
     }
 
@@ -263,14 +280,14 @@ impl Stages {
         connection: &mut BatchConnection,
         pending: &mut Pending,
         own: Vec<(usize, Provenance)>,
-        unread: &mut Vec<ConversationUnread>,
+        unread: &mut UnreadChanges,
     ) {
         for (index, provenance) in own {
             let job = pending.jobs[index].clone();
             match connection.write(&[item(&job, &provenance)]).await {
                 Ok(written) => {
                     committed();
-                    unread.extend(written.unread);
+                    unread.committed.extend(written.unread);
                     pending.steps[index] = settled(written.outcomes[0]);
                 }
                 Err(error) if is_refusal(&error) => {
@@ -289,6 +306,9 @@ impl Stages {
                     return;
                 }
                 Err(error) => {
+                    if matches!(error, BatchWriteError::Stalled(_)) {
+                        unread.uncertain.extend(agents(pending));
+                    }
                     unsettle_from(pending, Some(index), error);
                     return;
                 }
@@ -312,6 +332,21 @@ fn items<'a>(
 ) -> impl Iterator<Item = BatchItem<'a>> {
     own.iter()
         .map(|(index, provenance)| item(&pending.jobs[*index], provenance))
+}
+
+/// The agents whose conversations a user batch's records to write touch.
+fn agents(pending: &Pending) -> impl Iterator<Item = Agent> + '_ {
+    pending.to_write().filter_map(|(_, job)| {
+        let (tenant_id, platform, agent_id) = match job.content.as_ref().ok()? {
+            Inbound::Message(m) => (&m.tenant_id, &m.platform, &m.to_user_id),
+            Inbound::Read(r) => (&r.tenant_id, &r.platform, &r.to_user_id),
+        };
+        Some(Agent {
+            tenant_id: tenant_id.clone(),
+            platform: platform.clone(),
+            agent_id: agent_id.clone(),
+        })
+    })
 }
 
 /// What a record to write writes: a message, or a read receipt.

@@ -14,10 +14,12 @@ pub mod source;
 pub mod view;
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use sqlx::MySqlPool;
 
+use crate::pipeline::RedisHealth;
 use crate::store::ConversationUnread;
 use copy::{Agent, UnreadCopy};
 use view::{Cursor, Source, UnreadView};
@@ -32,6 +34,8 @@ pub struct Unread {
     pub copy: UnreadCopy,
     /// `unread.expire_after_days`, in ms.
     pub expire_after: Option<i64>,
+    /// While the worker is in degraded mode, reads go to MySQL without waiting on Redis.
+    pub redis_health: Arc<RedisHealth>,
 }
 
 impl Unread {
@@ -70,6 +74,14 @@ impl Unread {
         failed
     }
 
+    /// Notes agents whose writes may have committed without the batch knowing (see
+    /// `pipeline::write`), so their copies are rebuilt from MySQL.
+    pub async fn note_uncertain(&self, agents: &BTreeSet<Agent>) {
+        if !agents.is_empty() {
+            self.note(agents, 0).await;
+        }
+    }
+
     /// Notes `agents` for reconcile (their `changes` changes did not reach Redis).
     async fn note(&self, agents: &BTreeSet<Agent>, changes: usize) {
         metrics::counter!("im_ingest_unread_noted_agents_total").increment(agents.len() as u64);
@@ -91,7 +103,8 @@ impl Unread {
     }
 
     /// The agent's answer for `GET /v1/unread`: from Redis (a missing or incomplete copy
-    /// rebuilt from MySQL first), or from MySQL when Redis does not answer in time.
+    /// rebuilt from MySQL first), or from MySQL when Redis does not answer in time or
+    /// the worker is in degraded mode.
     pub async fn read(
         &self,
         agent: &Agent,
@@ -99,20 +112,32 @@ impl Unread {
         cursor: Option<&Cursor>,
     ) -> Result<UnreadView, sqlx::Error> {
         let now = crate::pipeline::now_millis();
-        match tokio::time::timeout(REDIS_READ_TIMEOUT, self.read_redis(agent)).await {
-            Ok(Ok(stored)) => {
-                return Ok(view::page(
-                    Source::Redis,
-                    stored.conversations.into_values(),
-                    stored.total,
-                    now,
-                    self.expire_after,
-                    limit,
-                    cursor,
-                ))
+        // In degraded mode, once per probe interval a read is Redis's probe.
+        if self.redis_health.should_try_lock(Instant::now()) {
+            match tokio::time::timeout(REDIS_READ_TIMEOUT, self.read_redis(agent)).await {
+                Ok(Ok(stored)) => {
+                    self.redis_health.record_success();
+                    return Ok(view::page(
+                        Source::Redis,
+                        stored.conversations.into_values(),
+                        stored.total,
+                        now,
+                        self.expire_after,
+                        limit,
+                        cursor,
+                    ));
+                }
+                Ok(Err(error)) => {
+                    if let Some(error) = error.downcast_ref::<redis::RedisError>() {
+                        self.redis_health.record_failure(Instant::now(), error);
+                    }
+                    tracing::debug!(
+                        error = format!("{error:#}"),
+                        "unread read from Redis failed; using MySQL"
+                    );
+                }
+                Err(_) => tracing::debug!("unread read from Redis timed out; using MySQL"),
             }
-            Ok(Err(error)) => tracing::debug!(%error, "unread read from Redis failed; using MySQL"),
-            Err(_) => tracing::debug!("unread read from Redis timed out; using MySQL"),
         }
         let conversations = source::conversations(&self.pool, agent).await?;
         Ok(view::page(

@@ -4,11 +4,13 @@
 //! Guarantee: an agent whose changes could not reach Redis is noted in MySQL
 //! (`unread_reconcile`) before its records are acknowledged, so the note outlives the
 //! process; a noted agent is rebuilt once Redis answers, and its note is removed only
-//! if no newer note came meanwhile. Reconcile compares each conversation and the total,
-//! reports the drift (before, after) and fixes it, keeping only changes newer than what
-//! it read from MySQL.
+//! if no newer note came meanwhile (its generation). One agent that fails does not
+//! hold up the others. Reconcile compares each conversation and the total, reports the
+//! drift (before, after) and fixes it: counts and totals, versions Redis holds that
+//! MySQL never had, and conversations MySQL does not have — keeping every change newer
+//! than what it read from MySQL.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use sqlx::MySqlPool;
 
@@ -28,7 +30,9 @@ pub async fn note(pool: &MySqlPool, agents: &BTreeSet<Agent>) -> Result<(), sqlx
             .push_bind(&agent.platform)
             .push_bind(&agent.agent_id);
     });
-    insert.push(" ON DUPLICATE KEY UPDATE noted_at = CURRENT_TIMESTAMP(3)");
+    insert.push(
+        " ON DUPLICATE KEY UPDATE generation = generation + 1, noted_at = CURRENT_TIMESTAMP(3)",
+    );
     insert.build().execute(pool).await?;
     Ok(())
 }
@@ -39,7 +43,8 @@ pub struct Drift {
     pub tenant_id: String,
     pub platform: String,
     pub agent_id: String,
-    /// Conversations whose count in Redis differed from MySQL's (missing ones included).
+    /// Conversations whose count or version in Redis differed from MySQL's (missing
+    /// ones and ones MySQL does not have included).
     pub conversations: usize,
     /// Redis's total before (`None`: no complete copy), and after.
     pub total_before: Option<i64>,
@@ -54,8 +59,9 @@ impl Drift {
     }
 }
 
-/// Compares the agent's copy with MySQL and, unless `dry_run`, rebuilds it (equal
-/// versions overwritten with `force`, so a hand-corrupted count is fixed too).
+/// Compares the agent's copy with MySQL and, unless `dry_run`, rebuilds it: merged by
+/// version, or with `force` (reconcile) also overwriting equal versions and then
+/// repairing what Redis holds that MySQL does not.
 pub async fn reconcile_agent(
     pool: &MySqlPool,
     copy: &UnreadCopy,
@@ -70,7 +76,11 @@ pub async fn reconcile_agent(
     let total_after = if dry_run {
         before.total
     } else {
-        Some(copy.rebuild(agent, &truth, force).await?)
+        copy.rebuild(agent, &truth, force).await?;
+        if force {
+            repair(pool, copy, agent).await?;
+        }
+        copy.read(agent).await?.total
     };
     Ok(Drift {
         tenant_id: agent.tenant_id.clone(),
@@ -83,48 +93,96 @@ pub async fn reconcile_agent(
     })
 }
 
-/// Conversations whose count in Redis is not MySQL's.
+/// Sets back conversations whose version in Redis is newer than MySQL's, or that
+/// MySQL does not have: no worker can have written them (MySQL commits first), so they
+/// are corrupt. MySQL is read after Redis, so a change a worker copies meanwhile is in
+/// what it reads; each repair applies only if the version is still the one seen.
+async fn repair(pool: &MySqlPool, copy: &UnreadCopy, agent: &Agent) -> anyhow::Result<()> {
+    let stored = copy.read(agent).await?;
+    let truth: HashMap<String, Conversation> = source::conversations(pool, agent)
+        .await?
+        .into_iter()
+        .map(|c| (c.customer.clone(), c))
+        .collect();
+    let repairs: Vec<(Conversation, Option<Conversation>)> = stored
+        .conversations
+        .into_values()
+        .filter_map(|seen| match truth.get(&seen.customer) {
+            Some(t) if seen.version > t.version => Some((seen, Some(t.clone()))),
+            Some(_) => None,
+            None => Some((seen, None)),
+        })
+        .collect();
+    copy.repair(agent, &repairs).await?;
+    Ok(())
+}
+
+/// Conversations whose count or version in Redis is not MySQL's, and conversations
+/// Redis has that MySQL does not.
 fn differing(copy: &StoredCopy, truth: &[Conversation]) -> usize {
-    truth
+    let off = truth
         .iter()
         .filter(|c| {
             copy.conversations
                 .get(&c.customer)
-                .is_none_or(|stored| stored.unread != c.unread)
+                .is_none_or(|stored| (stored.unread, stored.version) != (c.unread, c.version))
         })
-        .count()
+        .count();
+    let known: BTreeSet<&str> = truth.iter().map(|c| c.customer.as_str()).collect();
+    let unknown = copy
+        .conversations
+        .keys()
+        .filter(|customer| !known.contains(customer.as_str()))
+        .count();
+    off + unknown
 }
 
-/// Rebuilds up to `limit` noted agents and removes their notes; returns how many were
-/// rebuilt. Drifted conversations are counted in `im_ingest_unread_drift_total`.
-pub async fn drain_noted(pool: &MySqlPool, copy: &UnreadCopy, limit: u32) -> anyhow::Result<usize> {
-    // The note's time in epoch ms, as MySQL computes it (compared again on delete).
-    type Noted = (String, String, String, i64);
-    let rows: Vec<Noted> = sqlx::query_as(
+/// Rebuilds up to `limit` noted agents, oldest notes first, and removes the notes no
+/// newer note replaced; an agent that fails keeps its note and the others go on.
+/// Returns how many notes were read and how many agents were rebuilt. Drifted
+/// conversations are counted in `im_ingest_unread_drift_total`.
+pub async fn drain_noted(
+    pool: &MySqlPool,
+    copy: &UnreadCopy,
+    limit: u32,
+) -> anyhow::Result<(usize, usize)> {
+    let rows: Vec<(String, String, String, u64)> = sqlx::query_as(
         "SELECT CAST(tenant_id AS CHAR), CAST(platform AS CHAR), CAST(agent_id AS CHAR), \
-         CAST(UNIX_TIMESTAMP(noted_at) * 1000 AS SIGNED) FROM unread_reconcile LIMIT ?",
+         generation FROM unread_reconcile ORDER BY noted_at LIMIT ?",
     )
     .bind(limit)
     .fetch_all(pool)
     .await?;
-    for (tenant_id, platform, agent_id, noted_at) in &rows {
+    let mut rebuilt = 0;
+    for (tenant_id, platform, agent_id, generation) in &rows {
         let agent = Agent {
             tenant_id: tenant_id.clone(),
             platform: platform.clone(),
             agent_id: agent_id.clone(),
         };
-        let drift = reconcile_agent(pool, copy, &agent, false, false).await?;
+        let drift = match reconcile_agent(pool, copy, &agent, false, false).await {
+            Ok(drift) => drift,
+            Err(error) => {
+                tracing::debug!(
+                    error = format!("{error:#}"),
+                    ?agent,
+                    "rebuilding a noted agent failed; its note stays"
+                );
+                continue;
+            }
+        };
         metrics::counter!("im_ingest_unread_drift_total").increment(drift.conversations as u64);
         sqlx::query(
             "DELETE FROM unread_reconcile WHERE tenant_id = ? AND platform = ? AND agent_id = ? \
-             AND CAST(UNIX_TIMESTAMP(noted_at) * 1000 AS SIGNED) = ?",
+             AND generation = ?",
         )
         .bind(tenant_id)
         .bind(platform)
         .bind(agent_id)
-        .bind(noted_at)
+        .bind(generation)
         .execute(pool)
         .await?;
+        rebuilt += 1;
     }
-    Ok(rows.len())
+    Ok((rows.len(), rebuilt))
 }

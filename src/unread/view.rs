@@ -112,13 +112,24 @@ impl Cursor {
             <= (std::cmp::Reverse(self.unread), &self.from_user_id)
     }
 
-    /// `<unread>:<from_user_id>`.
+    /// Opaque to clients: `<unread>:<from_user_id>` in hex (URL-safe as it is).
     pub fn encode(&self) -> String {
         format!("{}:{}", self.unread, self.from_user_id)
+            .bytes()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     pub fn decode(text: &str) -> Option<Self> {
-        let (unread, from_user_id) = text.split_once(':')?;
+        if !text.len().is_multiple_of(2) || !text.is_ascii() {
+            return None;
+        }
+        let bytes = (0..text.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
+            .collect::<Option<Vec<u8>>>()?;
+        let plain = String::from_utf8(bytes).ok()?;
+        let (unread, from_user_id) = plain.split_once(':')?;
         Some(Self {
             unread: unread.parse().ok()?,
             from_user_id: from_user_id.to_string(),
@@ -185,6 +196,19 @@ mod tests {
             }
         }
         assert_eq!(seen, whole.sessions);
+    }
+
+    #[test]
+    fn a_cursor_survives_its_round_trip_and_text_it_did_not_make_is_refused() {
+        let cursor = Cursor::after(&SessionUnread {
+            from_user_id: "a:b&c".into(),
+            unread: 7,
+        });
+        assert_eq!(Cursor::decode(&cursor.encode()), Some(cursor.clone()));
+        assert!(cursor.encode().bytes().all(|b| b.is_ascii_hexdigit()));
+        for foreign in ["nonsense", "7:a", "zz", "0"] {
+            assert_eq!(Cursor::decode(foreign), None, "{foreign}");
+        }
     }
 
     #[test]

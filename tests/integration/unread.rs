@@ -99,10 +99,30 @@ pub async fn in_redis(url: &str, tenant: &str) -> Option<Counts> {
     let total = fields.get("total")?.parse().unwrap();
     let counts = fields
         .iter()
-        .filter(|(f, _)| *f != "total" && !f.starts_with("v:") && !f.starts_with("t:"))
-        .map(|(f, v)| (f.clone(), v.parse().unwrap()))
+        .filter(|(f, _)| *f != "total" && !f.starts_with("v:"))
+        // A customer named like one of the hash's own fields has U+0001 before its id.
+        .map(|(f, v)| {
+            (
+                f.trim_start_matches('\u{1}').to_string(),
+                v.parse().unwrap(),
+            )
+        })
         .collect();
     Some(Counts::from_map(counts, total))
+}
+
+/// The versions in the agent's hash, by field.
+async fn versions(tenant: &str) -> BTreeMap<String, String> {
+    let mut redis = crate::helpers::redis_connection().await;
+    let fields: BTreeMap<String, String> = redis::cmd("HGETALL")
+        .arg(key(tenant))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    fields
+        .into_iter()
+        .filter(|(f, _)| f.starts_with("v:"))
+        .collect()
 }
 
 /// The read API's answer, every page followed (3 conversations a page, to exercise the
@@ -115,7 +135,7 @@ pub fn from_api(address: &str, tenant: &str) -> (String, Counts) {
         let mut path =
             format!("/v1/unread?tenant={tenant}&platform={PLATFORM}&agent={AGENT}&limit=3");
         if let Some(cursor) = &cursor {
-            path.push_str(&format!("&cursor={}", urlencode(cursor)));
+            path.push_str(&format!("&cursor={cursor}"));
         }
         let (status, body) = get(address, &path);
         assert_eq!(status, 200, "{body}");
@@ -139,15 +159,6 @@ pub fn from_api(address: &str, tenant: &str) -> (String, Counts) {
             }
         }
     }
-}
-
-fn urlencode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// Produces every value concurrently (four producers), with random keys.
@@ -367,11 +378,15 @@ async fn expiry(lock_mode: &str) {
         from_api(&address, &tenant),
         ("redis".into(), only_recent.clone())
     );
-    // The MySQL fallback judges the same way.
+    // The MySQL fallback judges the same way (a worker without Redis, on a topic of
+    // its own, so that it writes nothing).
     let fallback = WorkerProcess::start(
-        &env.clone()
-            .with("REDIS__URL", "redis://127.0.0.1:1")
-            .with("KAFKA__GROUP_ID", &unique("idle")),
+        &WorkerEnv {
+            inbound: unique("idle.in"),
+            group: unique("idle.group"),
+            ..env.clone()
+        }
+        .with("REDIS__URL", "redis://127.0.0.1:1"),
     );
     assert_eq!(
         from_api(&fallback.admin_address(), &tenant),
@@ -411,13 +426,22 @@ async fn reconcile_reports_and_fixes_a_hand_corrupted_copy_and_a_dry_run_changes
     let expected = in_mysql(&pool, &tenant).await;
     wait_for_redis(&redis_url(), &tenant, &expected, &worker).await;
     drop(worker);
+    // A count, a version MySQL never had, the total, and a conversation MySQL does not
+    // have: all corrupted by hand.
+    let versions_before = versions(&tenant).await;
     let mut redis = crate::helpers::redis_connection().await;
     let _: () = redis::cmd("HSET")
         .arg(key(&tenant))
         .arg("c0")
         .arg(9)
+        .arg("v:c1")
+        .arg(99)
+        .arg("ghost")
+        .arg(5)
+        .arg("v:ghost")
+        .arg(1)
         .arg("total")
-        .arg(11)
+        .arg(16)
         .query_async(&mut redis)
         .await
         .unwrap();
@@ -439,18 +463,19 @@ async fn reconcile_reports_and_fixes_a_hand_corrupted_copy_and_a_dry_run_changes
     let report = run(true);
     assert!(
         report.contains(&format!(
-            "{tenant}/{PLATFORM}/{AGENT}: 1 conversation(s) off; total in Redis 11 -> 11 (MySQL 4)"
+            "{tenant}/{PLATFORM}/{AGENT}: 3 conversation(s) off; total in Redis 16 -> 16 (MySQL 4)"
         )),
         "{report}"
     );
     assert!(report.contains("1 drifted (would fix)"), "{report}");
-    assert_eq!(in_redis(&redis_url(), &tenant).await.unwrap().total, 11);
+    assert_eq!(in_redis(&redis_url(), &tenant).await.unwrap().total, 16);
     let report = run(false);
     assert!(
-        report.contains("total in Redis 11 -> 4 (MySQL 4)"),
+        report.contains("total in Redis 16 -> 4 (MySQL 4)"),
         "{report}"
     );
     assert_eq!(in_redis(&redis_url(), &tenant).await, Some(expected));
+    assert_eq!(versions(&tenant).await, versions_before);
     assert!(run(true).contains("0 drifted"));
     pool.close().await;
     env.drop_database().await;
@@ -536,10 +561,23 @@ async fn redis_outages(lock_mode: &str) {
     let expected = model(&log);
     assert_eq!(in_mysql(&pool, &tenant).await, expected);
     wait_for_redis(&redis.url(), &tenant, &expected, &worker).await;
-    assert_eq!(
-        from_api(&worker.admin_address(), &tenant),
-        ("redis".into(), expected)
-    );
+    // The read API answers the same throughout, and from Redis again once a read has
+    // found it answering (reads probe it once per probe interval while degraded).
+    let address = worker.admin_address();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (source, counts) = from_api(&address, &tenant);
+        assert_eq!(counts, expected);
+        if source == "redis" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the read API never went back to Redis; log:\n{}",
+            worker.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     finish(&env, worker, pool).await;
 }
 
@@ -678,5 +716,50 @@ async fn the_read_api_names_a_missing_parameter_a_bad_limit_and_a_foreign_cursor
         .await
         .unwrap();
     assert!(!exists, "a read of an unknown agent made a key");
+    finish(&env, worker, pool).await;
+}
+
+#[tokio::test]
+async fn customers_named_like_the_hashs_own_fields_count_like_any_other() {
+    let tenant = unique("tx");
+    let env = WorkerEnv::new(1);
+    let (worker, pool) = start(&env).await;
+    let values = vec![
+        message(&tenant, "total", "m1", 1_000),
+        message(&tenant, "total", "m2", 2_000),
+        message(&tenant, "v:x", "m3", 1_000),
+        message(&tenant, "x", "m4", 1_000),
+    ];
+    push_all(&env.inbound, values).await;
+    wait_until_all_committed(&env, &worker).await;
+    let expected = Counts::from_map(
+        BTreeMap::from([
+            ("total".to_string(), 2),
+            ("v:x".to_string(), 1),
+            ("x".to_string(), 1),
+        ]),
+        4,
+    );
+    assert_eq!(in_mysql(&pool, &tenant).await, expected);
+    assert_eq!(
+        from_api(&worker.admin_address(), &tenant),
+        ("redis".into(), expected)
+    );
+    let mut redis = crate::helpers::redis_connection().await;
+    let (total, x_version): (i64, i64) = redis::pipe()
+        .cmd("HGET")
+        .arg(key(&tenant))
+        .arg("total")
+        .cmd("HGET")
+        .arg(key(&tenant))
+        .arg("v:x")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(
+        (total, x_version),
+        (4, 1),
+        "a customer's field overwrote the hash's own"
+    );
     finish(&env, worker, pool).await;
 }

@@ -6,8 +6,9 @@
 //! the rest again, idempotently. A user's rows are written only under the user's lock
 //! (taken for the whole batch in one pipelined round trip), or without it when the lock
 //! is off, Redis is failing, or the lock kept changing hands until the last attempt.
-//! Locks are released (one pipeline) as soon as the transaction has ended, before any
-//! delay or dead-letter record is published, so a hold lasts one transaction.
+//! Locks are released (one pipeline) as soon as the transaction has ended, together
+//! with the unread copy and before any delay or dead-letter record is published, so a
+//! hold lasts one transaction.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -125,13 +126,20 @@ impl Stages {
         // Back to the pool before Redis: the unread copy may need a connection of its
         // own (a note, a rebuild), and must not wait for one this batch holds.
         drop(connection);
-        let started = Instant::now();
+        // The locks go back and the unread copy goes out at once: both are Redis round
+        // trips on one multiplexed connection, so they share one wait.
         let guards = batch.iter_mut().filter_map(|p| p.guard.take()).collect();
-        self.release(guards).await;
-        timed("release", started);
         let started = Instant::now();
-        self.publish_unread(&unread).await;
-        timed("unread", started);
+        tokio::join!(
+            async {
+                self.release(guards).await;
+                timed("release", started);
+            },
+            async {
+                self.publish_unread(&unread).await;
+                timed("unread", started);
+            }
+        );
         let started = Instant::now();
         self.route(&mut batch).await;
         timed("route", started);

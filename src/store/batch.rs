@@ -273,7 +273,9 @@ async fn update_unread(
     for (id, count) in count_unread(connection, &watermarks).await? {
         next.get_mut(&id).expect("planned").unread = count;
     }
-    set_unread(connection, &next).await?;
+    let keys: HashMap<i64, &SessionKey> =
+        touched.iter().map(|(id, key, _, _)| (*id, *key)).collect();
+    set_unread(connection, &next, &keys).await?;
     Ok(touched
         .into_iter()
         .map(|(id, ((tenant, platform), _, agent), customer, state)| {
@@ -350,44 +352,42 @@ async fn derive_expiry(
     Ok(rows.into_iter().collect())
 }
 
-/// Stores the new unread state of the sessions in `next`, in one statement.
+/// Stores the new unread state of the sessions in `next` (their natural keys in
+/// `keys`), in one statement: a multi-row upsert by primary key, so each row is found
+/// by its id alone (a multi-row `UPDATE … WHERE id IN (…)` was planned as a scan of the
+/// primary index once the list was long, locking rows of other batches: deadlocks).
+/// Every row exists and is locked by this transaction, so each is an update.
 async fn set_unread(
     connection: &mut MySqlConnection,
     next: &BTreeMap<i64, SessionState>,
+    keys: &HashMap<i64, &SessionKey>,
 ) -> Result<(), sqlx::Error> {
     if next.is_empty() {
         return Ok(());
     }
-    let mut update = QueryBuilder::<MySql>::new("UPDATE session SET ");
-    type Column = (&'static str, fn(&SessionState) -> Option<i64>);
-    let columns: [Column; 5] = [
-        ("read_up_to", |s| s.read_up_to),
-        ("expired_up_to", |s| s.expired_up_to),
-        ("last_message_at", |s| s.last_message_at),
-        ("unread_count", |s| Some(i64::from(s.unread))),
-        ("unread_version", |s| i64::try_from(s.version).ok()),
-    ];
-    for (position, (column, value)) in columns.iter().enumerate() {
-        if position > 0 {
-            update.push(", ");
-        }
-        update.push(format!("{column} = CASE id"));
-        for (id, state) in next {
-            update
-                .push(" WHEN ")
-                .push_bind(*id)
-                .push(" THEN ")
-                .push_bind(value(state));
-        }
-        update.push(" END");
-    }
-    update.push(" WHERE id IN (");
-    let mut ids = update.separated(", ");
-    for id in next.keys() {
-        ids.push_bind(*id);
-    }
-    update.push(")");
-    update.build().execute(connection).await?;
+    let mut upsert = QueryBuilder::<MySql>::new(
+        "INSERT INTO session (id, tenant_id, platform, customer_id, agent_id, read_up_to, \
+         expired_up_to, last_message_at, unread_count, unread_version) ",
+    );
+    upsert.push_values(next, |mut row, (id, state)| {
+        let ((tenant, platform), customer, agent) = keys[id];
+        row.push_bind(*id)
+            .push_bind(tenant)
+            .push_bind(platform)
+            .push_bind(*customer)
+            .push_bind(agent)
+            .push_bind(state.read_up_to)
+            .push_bind(state.expired_up_to)
+            .push_bind(state.last_message_at)
+            .push_bind(state.unread)
+            .push_bind(state.version);
+    });
+    upsert.push(
+        " ON DUPLICATE KEY UPDATE read_up_to = VALUES(read_up_to), \
+         expired_up_to = VALUES(expired_up_to), last_message_at = VALUES(last_message_at), \
+         unread_count = VALUES(unread_count), unread_version = VALUES(unread_version)",
+    );
+    upsert.build().execute(connection).await?;
     Ok(())
 }
 

@@ -39,6 +39,18 @@ impl TestDatabase {
         format!("{}/{}", mysql_server_url(), self.name)
     }
 
+    /// A new database with the worker's schema, and a pool on it.
+    pub async fn migrated() -> (Self, sqlx::MySqlPool) {
+        let db = Self::reserve();
+        let settings = im_ingest::config::DatabaseSettings {
+            url: im_ingest::secret::SecretUrl::new(db.url()),
+            ..Default::default()
+        };
+        im_ingest::store::migrate(&settings).await.unwrap();
+        let pool = im_ingest::store::connect(&settings).await.unwrap();
+        (db, pool)
+    }
+
     pub async fn connect(&self) -> MySqlConnection {
         MySqlConnectOptions::from_str(&self.url())
             .unwrap()

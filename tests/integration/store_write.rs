@@ -11,17 +11,6 @@ use sqlx::MySqlPool;
 
 use crate::helpers::{unique, TestDatabase};
 
-async fn migrated_pool() -> (TestDatabase, MySqlPool) {
-    let db = TestDatabase::reserve();
-    let settings = im_ingest::config::DatabaseSettings {
-        url: im_ingest::secret::SecretUrl::new(db.url()),
-        ..Default::default()
-    };
-    store::migrate(&settings).await.unwrap();
-    let pool = store::connect(&settings).await.unwrap();
-    (db, pool)
-}
-
 fn chat(customer: &str, message_id: &str, sent_at: i64) -> ChatMessage {
     ChatMessage {
         tenant_id: "default".into(),
@@ -67,7 +56,7 @@ async fn count(pool: &MySqlPool, table: &str) -> i64 {
 
 #[tokio::test]
 async fn same_message_written_five_times_is_one_row_and_four_duplicates() {
-    let (db, pool) = migrated_pool().await;
+    let (db, pool) = TestDatabase::migrated().await;
     let message = chat(&unique("c"), "m-1", 1_000);
     let mut outcomes = Vec::new();
     for offset in 0..5 {
@@ -91,7 +80,7 @@ async fn same_message_written_five_times_is_one_row_and_four_duplicates() {
 
 #[tokio::test]
 async fn unique_indexes_alone_keep_one_customer_under_concurrent_writes() {
-    let (db, pool) = migrated_pool().await;
+    let (db, pool) = TestDatabase::migrated().await;
     let customer = unique("c");
     let mut tasks = Vec::new();
     // Ten messages of one new customer, each written twice, all at once, no lock.
@@ -120,7 +109,7 @@ async fn unique_indexes_alone_keep_one_customer_under_concurrent_writes() {
 
 #[tokio::test]
 async fn newest_profile_wins_whatever_the_order_of_application() {
-    let (db, pool) = migrated_pool().await;
+    let (db, pool) = TestDatabase::migrated().await;
     let customer = unique("c");
     let with_profile = |id: &str, at: i64, nick: &str| {
         let mut m = chat(&customer, id, at);
@@ -170,7 +159,7 @@ async fn newest_profile_wins_whatever_the_order_of_application() {
 
 #[tokio::test]
 async fn each_profile_field_is_newest_wins_on_its_own_whatever_the_order() {
-    let (db, pool) = migrated_pool().await;
+    let (db, pool) = TestDatabase::migrated().await;
     let part = |customer: &str, id: &str, at: i64, nickname: Option<&str>, avatar: Option<&str>| {
         let mut m = chat(customer, id, at);
         m.profile = Some(Profile {
@@ -261,7 +250,7 @@ fn with_profile(customer: &str, id: &str, at: i64, nick: &str) -> ChatMessage {
 
 #[tokio::test]
 async fn a_batch_stores_each_new_message_once_and_tells_copies_and_stored_ones_apart() {
-    let (db, pool) = migrated_pool().await;
+    let (db, pool) = TestDatabase::migrated().await;
     let (a, b) = (unique("a"), unique("b"));
     let earlier = chat(&a, "m0", 500);
     write_message(&pool, &earlier, &provenance(0))
@@ -307,7 +296,7 @@ async fn a_batch_stores_each_new_message_once_and_tells_copies_and_stored_ones_a
 
 #[tokio::test]
 async fn a_batch_converges_like_the_same_messages_written_one_by_one() {
-    let (db, pool) = migrated_pool().await;
+    let (db, pool) = TestDatabase::migrated().await;
     let customer = unique("c");
     // Stored before: a profile newer than all but one of the batch's.
     write_message(
@@ -356,7 +345,7 @@ async fn a_batch_converges_like_the_same_messages_written_one_by_one() {
 
 #[tokio::test]
 async fn concurrent_batches_of_the_same_messages_store_each_exactly_once() {
-    let (db, pool) = migrated_pool().await;
+    let (db, pool) = TestDatabase::migrated().await;
     let users: Vec<String> = (0..5).map(|_| unique("u")).collect();
     let messages: Vec<ChatMessage> = (0..50)
         .map(|n| chat(&users[n % 5], &format!("m{n}"), 1_000 + n as i64))
@@ -394,7 +383,7 @@ async fn concurrent_batches_of_the_same_messages_store_each_exactly_once() {
 
 #[tokio::test]
 async fn a_batch_write_blocked_by_an_outside_row_lock_is_interrupted_at_its_stall_limit() {
-    let (db, pool) = migrated_pool().await;
+    let (db, pool) = TestDatabase::migrated().await;
     let customer = unique("blocked");
     write_message(&pool, &chat(&customer, "first", 1_000), &provenance(0))
         .await
@@ -442,7 +431,7 @@ async fn a_batch_write_blocked_by_an_outside_row_lock_is_interrupted_at_its_stal
 
 #[tokio::test]
 async fn every_kind_of_refusal_fails_the_write_as_a_refusal_and_stores_nothing_of_it() {
-    let (db, pool) = migrated_pool().await;
+    let (db, pool) = TestDatabase::migrated().await;
     // What an operator's own schema may add: a CHECK, a foreign key, narrower columns.
     for ddl in [
         "ALTER TABLE message ADD CONSTRAINT no_forbidden CHECK (content <> 'forbidden')",

@@ -21,12 +21,12 @@ SET s.unread_count = (SELECT COUNT(*) FROM message m
 
 -- Agents whose Redis copy may be behind MySQL (their changes could not reach Redis):
 -- rebuilt when Redis answers again, by this worker or another one after a restart.
--- `generation` grows with every note, so a rebuild removes only the note it read.
+-- `token` is new (random) with every note, so a rebuild removes only the note it read.
 CREATE TABLE IF NOT EXISTS unread_reconcile (
     tenant_id  VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
     platform   VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
     agent_id   VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
-    generation BIGINT UNSIGNED NOT NULL DEFAULT 1,
+    token      BIGINT UNSIGNED NOT NULL,
     noted_at   DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
     PRIMARY KEY (tenant_id, platform, agent_id),
     KEY ix_unread_reconcile_noted (noted_at)

@@ -84,7 +84,8 @@ pub(crate) fn plan(old: &SessionState, arrivals: &Arrivals, expire_after: Option
         (Some(_), Some(newest), Some(first)) => *first < newest,
         _ => false,
     };
-    let mut expired_up_to = old.expired_up_to;
+    // With expiry off, an expiry watermark left from when it was on goes.
+    let mut expired_up_to = expire_after.and(old.expired_up_to);
     let mut newest = old.last_message_at;
     if let (Some(limit), false) = (expire_after, late) {
         // In order: each new message's predecessor is the newest before it.
@@ -235,6 +236,22 @@ mod tests {
         let mut older = Arrivals::default();
         older.receipt(50);
         assert_eq!(plan(&old, &older, None), Plan::Keep);
+    }
+
+    #[test]
+    fn with_expiry_turned_off_the_next_change_drops_the_expiry_watermark_and_recounts() {
+        let old = SessionState {
+            expired_up_to: Some(500),
+            ..state(None, Some(600), 1)
+        };
+        assert!(matches!(
+            plan(&old, &messages(&[700], &[]), None),
+            Plan::Recount(SessionState {
+                expired_up_to: None,
+                last_message_at: Some(700),
+                ..
+            })
+        ));
     }
 
     #[test]

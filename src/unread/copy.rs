@@ -26,9 +26,9 @@ use crate::store::ConversationUnread;
 /// Returns 0 when the hash is incomplete (no `total`: it needs a rebuild), 1 otherwise.
 const APPLY_SCRIPT: &str = r"
 local complete = redis.call('HEXISTS', KEYS[1], 'total')
-local stored = tonumber(redis.call('HGET', KEYS[1], 'v:' .. ARGV[1]) or '-1')
+local stored = tonumber(redis.call('HGET', KEYS[1], 'v:' .. ARGV[1]) or '') or -1
 if tonumber(ARGV[3]) <= stored then return complete end
-local old = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+local old = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '') or 0
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2], 'v:' .. ARGV[1], ARGV[3])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
 if complete == 1 then
@@ -45,7 +45,7 @@ const REBUILD_SCRIPT: &str = r"
 local force = ARGV[1] == '1'
 for i = 2, #ARGV, 4 do
   local field = ARGV[i]
-  local stored = tonumber(redis.call('HGET', KEYS[1], 'v:' .. field) or '-1')
+  local stored = tonumber(redis.call('HGET', KEYS[1], 'v:' .. field) or '') or -1
   local version = tonumber(ARGV[i + 2])
   if stored < version or (force and stored == version) then
     redis.call('HSET', KEYS[1], field, ARGV[i + 1], 'v:' .. field, ARGV[i + 2])
@@ -57,7 +57,7 @@ local total = 0
 for i = 1, #all, 2 do
   local field = all[i]
   if field ~= 'total' and string.sub(field, 1, 2) ~= 'v:' then
-    total = total + tonumber(all[i + 1])
+    total = total + (tonumber(all[i + 1]) or 0)
   end
 end
 redis.call('HSET', KEYS[1], 'total', total)
@@ -65,16 +65,17 @@ return total
 ";
 
 /// Sets conversations exactly, each only if its stored version is still the one the
-/// caller saw (ARGV per conversation: field, seen version or '', then count, version,
-/// time — or three '' to remove it), moving `total` by the difference: reconcile's
-/// repair of versions that MySQL does not have. Returns how many were set.
+/// caller saw (ARGV per conversation: field, seen version — 0 for none or unreadable,
+/// as [`parse`] reads it — then count, version, time, or three '' to remove it), moving
+/// `total` by the difference: reconcile's repair of versions that MySQL does not have.
+/// Returns how many were set. (Every script reads an unreadable number as absent.)
 const REPAIR_SCRIPT: &str = r"
 local repaired = 0
 for i = 1, #ARGV, 5 do
   local field = ARGV[i]
-  local stored = redis.call('HGET', KEYS[1], 'v:' .. field) or ''
-  if stored == ARGV[i + 1] then
-    local old = tonumber(redis.call('HGET', KEYS[1], field) or '0')
+  local stored = tonumber(redis.call('HGET', KEYS[1], 'v:' .. field) or '') or 0
+  if stored == tonumber(ARGV[i + 1]) then
+    local old = tonumber(redis.call('HGET', KEYS[1], field) or '') or 0
     local new = 0
     if ARGV[i + 2] == '' then
       redis.call('HDEL', KEYS[1], field, 'v:' .. field)
@@ -115,8 +116,13 @@ impl Agent {
         format!("im:unread-at:{{{}}}", self.tag())
     }
 
+    /// `<tenant>:<platform>:<agent>`, each part as it is unless it holds `:` or `%`
+    /// (then `%` → `%25`, `:` → `%3A`), so two agents never share a key (`a` + `b:c`
+    /// against `a:b` + `c`).
     fn tag(&self) -> String {
-        format!("{}:{}:{}", self.tenant_id, self.platform, self.agent_id)
+        [&self.tenant_id, &self.platform, &self.agent_id]
+            .map(|part| key_part(part))
+            .join(":")
     }
 }
 
@@ -127,6 +133,14 @@ impl From<&ConversationUnread> for Agent {
             platform: c.platform.clone(),
             agent_id: c.agent_id.clone(),
         }
+    }
+}
+
+fn key_part(part: &str) -> std::borrow::Cow<'_, str> {
+    if part.contains([':', '%']) {
+        part.replace('%', "%25").replace(':', "%3A").into()
+    } else {
+        part.into()
     }
 }
 
@@ -320,6 +334,24 @@ mod tests {
         };
         assert_eq!(agent.key(), "im:unread:{t:2:a-1}");
         assert_eq!(agent.times_key(), "im:unread-at:{t:2:a-1}");
+    }
+
+    #[test]
+    fn agents_whose_parts_hold_a_colon_never_share_a_key() {
+        let agent = |t: &str, p: &str, a: &str| Agent {
+            tenant_id: t.into(),
+            platform: p.into(),
+            agent_id: a.into(),
+        };
+        let keys = [
+            agent("a", "b:c", "d").key(),
+            agent("a:b", "c", "d").key(),
+            agent("a", "b", "c:d").key(),
+            agent("a", "b%3Ac", "d").key(),
+        ];
+        assert_eq!(keys[0], "im:unread:{a:b%3Ac:d}");
+        let distinct: BTreeSet<&String> = keys.iter().collect();
+        assert_eq!(distinct.len(), keys.len(), "{keys:?}");
     }
 
     #[test]

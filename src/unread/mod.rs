@@ -40,8 +40,9 @@ pub struct Unread {
 
 impl Unread {
     /// Copies committed changes to Redis (rebuilding an agent's incomplete copy from
-    /// MySQL); when Redis fails, notes their agents for reconcile. Returns the Redis
-    /// error, if any (for the degraded-mode bookkeeping).
+    /// MySQL); when Redis fails, notes their agents for reconcile. Returns the error if
+    /// Redis could not be reached (for the degraded-mode bookkeeping; an error Redis
+    /// answered, such as a script's on a corrupted key, does not make it "down").
     pub async fn publish(
         &self,
         changes: &[ConversationUnread],
@@ -64,7 +65,11 @@ impl Unread {
                     }
                     return None;
                 }
-                Err(error) => Some(error),
+                Err(error) if is_unreachable(&error) => Some(error),
+                Err(error) => {
+                    tracing::warn!(%error, "Redis refused the unread copy; noting the agents for reconcile");
+                    None
+                }
             }
         } else {
             None
@@ -116,7 +121,6 @@ impl Unread {
         if self.redis_health.should_try_lock(Instant::now()) {
             match tokio::time::timeout(REDIS_READ_TIMEOUT, self.read_redis(agent)).await {
                 Ok(Ok(stored)) => {
-                    self.redis_health.record_success();
                     return Ok(view::page(
                         Source::Redis,
                         stored.conversations.into_values(),
@@ -128,7 +132,10 @@ impl Unread {
                     ));
                 }
                 Ok(Err(error)) => {
-                    if let Some(error) = error.downcast_ref::<redis::RedisError>() {
+                    if let Some(error) = error
+                        .downcast_ref::<redis::RedisError>()
+                        .filter(|e| is_unreachable(e))
+                    {
                         self.redis_health.record_failure(Instant::now(), error);
                     }
                     tracing::debug!(
@@ -155,6 +162,8 @@ impl Unread {
     /// no conversation anywhere gets no key: reads of unknown agents write nothing).
     async fn read_redis(&self, agent: &Agent) -> anyhow::Result<copy::StoredCopy> {
         let stored = self.copy.read(agent).await?;
+        // Redis answered: whatever follows (a rebuild) is not about its reachability.
+        self.redis_health.record_success();
         if stored.total.is_some() {
             return Ok(stored);
         }
@@ -166,4 +175,14 @@ impl Unread {
         metrics::counter!("im_ingest_unread_rebuilds_total").increment(1);
         Ok(self.copy.read(agent).await?)
     }
+}
+
+/// Whether a Redis error means Redis could not be reached or did not answer in time (as
+/// opposed to an error it answered with).
+fn is_unreachable(error: &redis::RedisError) -> bool {
+    error.is_io_error()
+        || error.is_timeout()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || error.is_unrecoverable_error()
 }

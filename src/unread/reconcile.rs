@@ -4,8 +4,8 @@
 //! Guarantee: an agent whose changes could not reach Redis is noted in MySQL
 //! (`unread_reconcile`) before its records are acknowledged, so the note outlives the
 //! process; a noted agent is rebuilt once Redis answers, and its note is removed only
-//! if no newer note came meanwhile (its generation). One agent that fails does not
-//! hold up the others. Reconcile compares each conversation and the total, reports the
+//! if no newer note came meanwhile (each note carries a random token). One agent that
+//! fails does not hold up the others: its note goes to the back. Reconcile compares each conversation and the total, reports the
 //! drift (before, after) and fixes it: counts and totals, versions Redis holds that
 //! MySQL never had, and conversations MySQL does not have — keeping every change newer
 //! than what it read from MySQL.
@@ -23,16 +23,15 @@ pub async fn note(pool: &MySqlPool, agents: &BTreeSet<Agent>) -> Result<(), sqlx
         return Ok(());
     }
     let mut insert = sqlx::QueryBuilder::<sqlx::MySql>::new(
-        "INSERT INTO unread_reconcile (tenant_id, platform, agent_id) ",
+        "INSERT INTO unread_reconcile (tenant_id, platform, agent_id, token) ",
     );
     insert.push_values(agents, |mut row, agent| {
         row.push_bind(&agent.tenant_id)
             .push_bind(&agent.platform)
-            .push_bind(&agent.agent_id);
+            .push_bind(&agent.agent_id)
+            .push_bind(rand::random::<u64>() >> 1);
     });
-    insert.push(
-        " ON DUPLICATE KEY UPDATE generation = generation + 1, noted_at = CURRENT_TIMESTAMP(3)",
-    );
+    insert.push(" ON DUPLICATE KEY UPDATE token = VALUES(token), noted_at = CURRENT_TIMESTAMP(3)");
     insert.build().execute(pool).await?;
     Ok(())
 }
@@ -79,6 +78,10 @@ pub async fn reconcile_agent(
         copy.rebuild(agent, &truth, force).await?;
         if force {
             repair(pool, copy, agent).await?;
+            // A change a worker copied while the repaired version still stood was
+            // refused as older; it is in MySQL now.
+            let truth = source::conversations(pool, agent).await?;
+            copy.rebuild(agent, &truth, false).await?;
         }
         copy.read(agent).await?.total
     };
@@ -95,8 +98,8 @@ pub async fn reconcile_agent(
 
 /// Sets back conversations whose version in Redis is newer than MySQL's, or that
 /// MySQL does not have: no worker can have written them (MySQL commits first), so they
-/// are corrupt. MySQL is read after Redis, so a change a worker copies meanwhile is in
-/// what it reads; each repair applies only if the version is still the one seen.
+/// are corrupt. Each repair applies only if the version is still the one seen; the
+/// caller merges MySQL once more afterwards (see [`reconcile_agent`]).
 async fn repair(pool: &MySqlPool, copy: &UnreadCopy, agent: &Agent) -> anyhow::Result<()> {
     let stored = copy.read(agent).await?;
     let truth: HashMap<String, Conversation> = source::conversations(pool, agent)
@@ -148,13 +151,13 @@ pub async fn drain_noted(
 ) -> anyhow::Result<(usize, usize)> {
     let rows: Vec<(String, String, String, u64)> = sqlx::query_as(
         "SELECT CAST(tenant_id AS CHAR), CAST(platform AS CHAR), CAST(agent_id AS CHAR), \
-         generation FROM unread_reconcile ORDER BY noted_at LIMIT ?",
+         token FROM unread_reconcile ORDER BY noted_at LIMIT ?",
     )
     .bind(limit)
     .fetch_all(pool)
     .await?;
     let mut rebuilt = 0;
-    for (tenant_id, platform, agent_id, generation) in &rows {
+    for (tenant_id, platform, agent_id, token) in &rows {
         let agent = Agent {
             tenant_id: tenant_id.clone(),
             platform: platform.clone(),
@@ -166,20 +169,30 @@ pub async fn drain_noted(
                 tracing::debug!(
                     error = format!("{error:#}"),
                     ?agent,
-                    "rebuilding a noted agent failed; its note stays"
+                    "rebuilding a noted agent failed; its note stays, at the back"
                 );
+                sqlx::query(
+                    "UPDATE unread_reconcile SET noted_at = CURRENT_TIMESTAMP(3) \
+                     WHERE tenant_id = ? AND platform = ? AND agent_id = ? AND token = ?",
+                )
+                .bind(tenant_id)
+                .bind(platform)
+                .bind(agent_id)
+                .bind(token)
+                .execute(pool)
+                .await?;
                 continue;
             }
         };
         metrics::counter!("im_ingest_unread_drift_total").increment(drift.conversations as u64);
         sqlx::query(
             "DELETE FROM unread_reconcile WHERE tenant_id = ? AND platform = ? AND agent_id = ? \
-             AND generation = ?",
+             AND token = ?",
         )
         .bind(tenant_id)
         .bind(platform)
         .bind(agent_id)
-        .bind(generation)
+        .bind(token)
         .execute(pool)
         .await?;
         rebuilt += 1;

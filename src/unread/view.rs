@@ -1,9 +1,10 @@
 //! What an agent sees: the conversations with unread messages, largest first, and the
 //! total — from whichever source answered (`GET /v1/unread`).
 //!
-//! Guarantee: one rule for every source (the Redis copy, the MySQL fallback,
-//! reconcile): a conversation whose newest message is older than the expiry (event
-//! time, against now) counts 0, and the total drops by its count in the same answer;
+//! Guarantee: one rule for every source (the Redis copy and the MySQL fallback both
+//! hold raw counts; reconcile copies raw counts): a conversation whose newest message
+//! is older than the expiry (event time, against now) counts 0, and the total drops by
+//! its count in the same answer;
 //! pages follow one order (unread descending, then customer id) and a cursor names the
 //! last conversation shown, so paging never repeats or skips one that did not change.
 

@@ -40,6 +40,13 @@ pub enum Command {
     /// drift per agent (conversations off, total before and after) and fix it. Safe
     /// while workers run: only changes newer than what it read are kept.
     Reconcile(crate::unread::command::ReconcileArgs),
+    /// Check that the database matches a topic (default: the inbound topic, all of it):
+    /// every valid message stored once with its content, time, customer and session;
+    /// nicknames, last message times and read watermarks as the records imply; unread
+    /// counts equal to their rows. Dead-lettered records are reported with their reason,
+    /// apart from lost ones. Exit code 1 on any mismatch, naming the first ones with
+    /// their partition and offset. Reads the topic without joining any group.
+    Verify(crate::verify::VerifyArgs),
     /// Measure im-ingest against its limits and alternatives, side by side: the worker
     /// as shipped, with `lock.mode = none`, a naive check-then-insert writer, a no-op
     /// consumer (Kafka read limit) and an ideal batched writer (database write limit),
@@ -66,6 +73,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             crate::bench::contender::run(&settings, &args, crate::worker::shutdown_signal()).await?
         }
         Command::Reconcile(args) => crate::unread::command::run(&settings, &args).await?,
+        Command::Verify(args) => crate::verify::run(&settings, &args).await?,
         Command::Migrate => {
             store::migrate(&settings.database).await?;
             tracing::info!(database = %settings.database.url, "migrations applied");

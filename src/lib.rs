@@ -21,4 +21,5 @@ pub mod secret;
 pub mod store;
 pub mod telemetry;
 pub mod unread;
+pub mod verify;
 pub mod worker;

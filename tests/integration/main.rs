@@ -34,4 +34,5 @@ mod stack_script;
 mod store_write;
 mod unread;
 mod unread_store;
+mod verify;
 mod worker;

@@ -338,11 +338,19 @@ async fn receipts_racing_messages(lock_mode: &str) {
     let mut values: Vec<String> = events.iter().map(|e| e.value(&tenant)).collect();
     values.extend(events.iter().step_by(7).map(|e| e.value(&tenant)));
     values.shuffle(&mut rng);
+    let pushed = values.len();
     push_all(&env.inbound, values).await;
     wait_until_all_committed(&env, &worker).await;
     assert_eq!(in_mysql(&pool, &tenant).await, expected);
     wait_for_redis(&redis_url(), &tenant, &expected, &worker).await;
     assert_eq!(from_api(&worker.admin_address(), &tenant).1, expected);
+    // `verify` agrees: watermarks, last message times and counts as the topic implies.
+    let (ok, report) = crate::verify::verify(&env);
+    assert!(ok, "{report}");
+    assert!(
+        report.contains(&format!(": {pushed} records (")) && report.contains("; 0 mismatches"),
+        "{report}"
+    );
     finish(&env, worker, pool).await;
 }
 

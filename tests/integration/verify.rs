@@ -1,0 +1,142 @@
+//! `im-ingest verify` against real Kafka and MariaDB: it passes on what a worker
+//! stored, tells dead-lettered records apart from lost ones, and fails naming the
+//! record's offset after a row is deleted by hand, a row's content altered, a message
+//! repointed to another customer's session, and a nickname altered.
+
+use crate::helpers::{im_ingest, stderr_of, unique, WorkerEnv};
+use crate::kafka_util::{produce, producer};
+use crate::pipeline::payload;
+use crate::worker::{finish, start, wait_until_all_committed};
+
+/// Runs `verify` on the test's inbound topic; returns (success, stdout).
+pub fn verify(env: &WorkerEnv) -> (bool, String) {
+    let output = im_ingest(
+        &["verify", "--show", "50"],
+        &[
+            ("IM_INGEST__KAFKA__INBOUND_TOPIC", &env.inbound),
+            ("IM_INGEST__KAFKA__DLQ_TOPIC", &env.dlq),
+            ("IM_INGEST__DATABASE__URL", &env.database_url()),
+        ],
+    );
+    let stdout = String::from_utf8(output.stdout.clone()).unwrap();
+    if !output.status.success() {
+        assert!(
+            stderr_of(&output).contains("mismatches between"),
+            "{}",
+            stderr_of(&output)
+        );
+    }
+    (output.status.success(), stdout)
+}
+
+#[tokio::test]
+async fn verify_passes_on_a_clean_run_and_names_the_offset_of_each_hand_made_mismatch() {
+    let env = WorkerEnv::new(1);
+    let (worker, pool) = start(&env).await;
+    let (ann, bob) = (unique("ann"), unique("bob"));
+    let producer = producer();
+    let mut offsets = Vec::new();
+    for (customer, id) in [(&ann, "m1"), (&ann, "m2"), (&ann, "m3"), (&bob, "m4")] {
+        let (_, offset) = produce(
+            &producer,
+            &env.inbound,
+            Some(0),
+            payload(customer, id).as_bytes(),
+        )
+        .await;
+        offsets.push(offset);
+    }
+    // A copy, and a record that is not a message at all.
+    produce(
+        &producer,
+        &env.inbound,
+        Some(0),
+        payload(&ann, "m1").as_bytes(),
+    )
+    .await;
+    let (_, invalid) = produce(&producer, &env.inbound, Some(0), b"not json").await;
+    wait_until_all_committed(&env, &worker).await;
+
+    let (ok, report) = verify(&env);
+    assert!(ok, "{report}");
+    assert!(
+        report.contains(": 6 records (5 messages, 0 read receipts); 1 dead-lettered; 0 mismatches"),
+        "{report}"
+    );
+    assert!(
+        report.contains("dead-lettered as im_ingest::InvalidMessage: 1"),
+        "{report}"
+    );
+    assert!(!report.contains(&format!("offset {invalid}")), "{report}");
+
+    sqlx::query("DELETE FROM message WHERE external_message_id = 'm1'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (ok, report) = verify(&env);
+    assert!(!ok);
+    assert!(
+        report.contains(&format!("offset {}: message m1 is not stored", offsets[0])),
+        "{report}"
+    );
+
+    sqlx::query("UPDATE message SET content = 'altered' WHERE external_message_id = 'm2'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (_, report) = verify(&env);
+    assert!(
+        report.contains(&format!(
+            "offset {}: message m2: content differs",
+            offsets[1]
+        )),
+        "{report}"
+    );
+
+    sqlx::query(
+        "UPDATE message SET session_id = (SELECT s.id FROM session s JOIN customer c \
+         ON c.id = s.customer_id WHERE c.external_user_id = ?) WHERE external_message_id = 'm3'",
+    )
+    .bind(&bob)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (_, report) = verify(&env);
+    assert!(
+        report.contains(&format!(
+            "offset {}: message m3: in a session of agent",
+            offsets[2]
+        )) && report.contains("of another customer"),
+        "{report}"
+    );
+
+    sqlx::query("UPDATE customer SET nickname = 'Mallory' WHERE external_user_id = ?")
+        .bind(&bob)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (_, report) = verify(&env);
+    assert!(
+        report.contains(&format!(
+            "offset {}: customer {bob}: nickname is Some(\"Mallory\"), the newest message carrying one says \"Ann\"",
+            offsets[3]
+        )),
+        "{report}"
+    );
+    // The copy of m1 is missing too, and the hand edits left two sessions' unread
+    // counts off their rows (m1 gone from ann's, m3 moved to bob's).
+    assert!(
+        report.contains("offset 4: message m1 is not stored"),
+        "{report}"
+    );
+    assert!(
+        report.contains("unread_count 3, its rows say 1"),
+        "{report}"
+    );
+    assert!(
+        report.contains("unread_count 1, its rows say 2"),
+        "{report}"
+    );
+    assert!(report.contains("; 7 mismatches"), "{report}");
+    finish(&env, worker, pool).await;
+}

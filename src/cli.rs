@@ -40,6 +40,13 @@ pub enum Command {
     /// drift per agent (conversations off, total before and after) and fix it. Safe
     /// while workers run: only changes newer than what it read are kept.
     Reconcile(crate::unread::command::ReconcileArgs),
+    /// Push records of a topic through the worker again: republish them (default: to
+    /// the inbound topic) with their key, value and timestamp, as first attempts, with
+    /// `im_ingest-replay-count` one higher; a record replayed `--max-replays` times is
+    /// refused. Range (partitions, offsets, times) and filters (tenant, customer,
+    /// message id, error class) narrow it; `--dry-run` publishes nothing. Reads the
+    /// topic without joining any group.
+    Replay(crate::replay::ReplayArgs),
     /// Check that the database matches a topic (default: the inbound topic, all of it):
     /// every valid message stored once with its content, time, customer and session;
     /// nicknames, last message times and read watermarks as the records imply; unread
@@ -74,6 +81,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Reconcile(args) => crate::unread::command::run(&settings, &args).await?,
         Command::Verify(args) => crate::verify::run(&settings, &args).await?,
+        Command::Replay(args) => crate::replay::run(&settings, &args).await?,
         Command::Migrate => {
             store::migrate(&settings.database).await?;
             tracing::info!(database = %settings.database.url, "migrations applied");

@@ -244,6 +244,7 @@ fn headers(job: &Job, attempts: u32, due_at: i64, fqcn: &str, message: &str) -> 
         origin: job.origin.clone(),
         exception_fqcn: fqcn.to_string(),
         exception_message: bounded(message.to_string()),
+        replay_count: crate::retry::headers::replay_count(job.record.headers.as_ref()),
     }
 }
 

@@ -19,6 +19,9 @@ pub const DLT_ORIGINAL_TIMESTAMP: &str = "kafka_dlt-original-timestamp";
 pub const DLT_ORIGINAL_CONSUMER_GROUP: &str = "kafka_dlt-original-consumer-group";
 pub const DLT_EXCEPTION_FQCN: &str = "kafka_dlt-exception-fqcn";
 pub const DLT_EXCEPTION_MESSAGE: &str = "kafka_dlt-exception-message";
+/// How often `im-ingest replay` republished a record (decimal UTF-8); carried onto every
+/// delay and dead-letter record made of it.
+pub const REPLAY_COUNT: &str = "im_ingest-replay-count";
 /// Longest `kafka_dlt-exception-message` the worker writes (a longer reason is cut).
 pub const MAX_EXCEPTION_MESSAGE_BYTES: usize = 4096;
 
@@ -44,6 +47,14 @@ pub struct RetryHeaders {
     /// Error class, e.g. `im_ingest::LockHeld`.
     pub exception_fqcn: String,
     pub exception_message: String,
+    /// [`REPLAY_COUNT`] of the record, when it was replayed.
+    pub replay_count: Option<u32>,
+}
+
+/// The [`REPLAY_COUNT`] a record carries (absent or unreadable: never replayed).
+pub fn replay_count(headers: Option<&impl Headers>) -> Option<u32> {
+    let value = last(headers?, REPLAY_COUNT)?;
+    std::str::from_utf8(value).ok()?.parse().ok()
 }
 
 /// Java `BigInteger.valueOf(v).toByteArray()`: big-endian two's complement, as few bytes
@@ -82,6 +93,7 @@ impl RetryHeaders {
         let partition = self.origin.partition.to_be_bytes();
         let offset = self.origin.offset.to_be_bytes();
         let timestamp = self.origin.timestamp.to_be_bytes();
+        let replay_count = self.replay_count.map(|n| n.to_string());
         let entries: [(&str, &[u8]); 10] = [
             (ATTEMPTS, &attempts),
             (BACKOFF_TIMESTAMP, &backoff),
@@ -97,8 +109,11 @@ impl RetryHeaders {
             (DLT_EXCEPTION_FQCN, self.exception_fqcn.as_bytes()),
             (DLT_EXCEPTION_MESSAGE, self.exception_message.as_bytes()),
         ];
-        entries.into_iter().fold(
-            OwnedHeaders::new_with_capacity(entries.len()),
+        let replayed = replay_count
+            .as_deref()
+            .map(|count| (REPLAY_COUNT, count.as_bytes()));
+        entries.into_iter().chain(replayed).fold(
+            OwnedHeaders::new_with_capacity(entries.len() + 1),
             |headers, (key, value)| {
                 headers.insert(Header {
                     key,
@@ -148,6 +163,7 @@ impl RetryHeaders {
             },
             exception_fqcn: text(DLT_EXCEPTION_FQCN).unwrap_or_default(),
             exception_message: text(DLT_EXCEPTION_MESSAGE).unwrap_or_default(),
+            replay_count: replay_count(Some(headers)),
         }))
     }
 }
@@ -219,6 +235,7 @@ mod tests {
             },
             exception_fqcn: "im_ingest::LockHeld".into(),
             exception_message: "lock held elsewhere".into(),
+            replay_count: None,
         }
     }
 

@@ -121,6 +121,7 @@ impl RetryTrust {
                     origin: own.clone(),
                     exception_fqcn: String::new(),
                     exception_message: String::new(),
+                    replay_count: None,
                 }
             }
         };
@@ -205,6 +206,7 @@ mod tests {
             },
             exception_fqcn: "im_ingest::LockHeld".into(),
             exception_message: "held".into(),
+            replay_count: None,
         }
         .to_headers()
     }

@@ -9,7 +9,6 @@
 //! the first mismatches are printed with their partition and offset.
 
 mod check;
-mod topic;
 
 use std::io::Write;
 
@@ -17,8 +16,8 @@ use anyhow::Context;
 
 use crate::config::Settings;
 use crate::retry::headers::RetryHeaders;
+use crate::topic_reader::TopicReader;
 use check::{DeadLetters, Report, Verifier};
-use topic::TopicReader;
 
 /// Records checked per database round trip.
 const CHUNK: usize = 500;

@@ -25,6 +25,7 @@ mod lock_hold;
 #[cfg(feature = "failpoints")]
 mod partition_state;
 mod pipeline;
+mod replay;
 mod retries;
 mod retry_headers;
 mod schema;

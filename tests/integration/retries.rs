@@ -41,6 +41,7 @@ async fn park(topic: &str, partition: i32, value: &str, due_at: i64, env: &Worke
         },
         exception_fqcn: "im_ingest::LockHeld".into(),
         exception_message: "parked by the test".into(),
+        replay_count: None,
     };
     producer()
         .send(

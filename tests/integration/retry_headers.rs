@@ -32,6 +32,7 @@ fn full_retry_headers(env: &WorkerEnv, due_at: i64) -> OwnedHeaders {
         },
         exception_fqcn: "im_ingest::LockHeld".into(),
         exception_message: "sent by the test".into(),
+        replay_count: None,
     }
     .to_headers()
 }

@@ -1,5 +1,5 @@
 //! Reading a whole topic, as it is when the read starts, without joining anybody's
-//! consumer group.
+//! consumer group (for `verify` and `replay`).
 //!
 //! Guarantee: every record of every partition from its earliest offset up to the end
 //! offset taken at the start is handed over exactly once, in offset order within a

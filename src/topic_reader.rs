@@ -1,16 +1,18 @@
 //! Reading a whole topic, as it is when the read starts, without joining anybody's
 //! consumer group (for `verify` and `replay`).
 //!
-//! Guarantee: every record of every partition from its earliest offset up to the end
-//! offset taken at the start is handed over exactly once, in offset order within a
-//! partition, in chunks of bounded size; no offset is ever committed (the reader is an
-//! assigned consumer of a group of its own, with auto-commit off).
+//! Guarantee: every record of every partition from its earliest offset (or, resuming,
+//! from the offsets its checkpoint group has committed) up to the end offset taken at
+//! the start is handed over exactly once, in offset order within a partition, in chunks
+//! of bounded size; the reader itself never commits an offset (it is an assigned
+//! consumer, auto-commit off; a checkpoint's offsets are committed by the caller's
+//! transaction, see `replay`).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::KafkaSettings;
@@ -29,13 +31,26 @@ pub struct TopicReader {
 }
 
 impl TopicReader {
+    /// From the start of every partition, as a group of its own that nobody uses.
     pub fn open(kafka: &KafkaSettings, topic: &str) -> anyhow::Result<Self> {
+        let group = format!("im-ingest-reader-{:016x}", rand::random::<u64>());
+        Self::open_as(kafka, topic, &group, false)
+    }
+
+    /// From the offsets `group` has committed (the start where it has none).
+    pub fn resume(kafka: &KafkaSettings, topic: &str, group: &str) -> anyhow::Result<Self> {
+        Self::open_as(kafka, topic, group, true)
+    }
+
+    fn open_as(
+        kafka: &KafkaSettings,
+        topic: &str,
+        group: &str,
+        resume: bool,
+    ) -> anyhow::Result<Self> {
         let consumer: BaseConsumer = kafka
             .client_config()
-            .set(
-                "group.id",
-                format!("im-ingest-verify-{:016x}", rand::random::<u64>()),
-            )
+            .set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .create()
@@ -49,12 +64,31 @@ impl TopicReader {
             .flat_map(|t| t.partitions().iter().map(|p| p.id()))
             .collect();
         anyhow::ensure!(!partitions.is_empty(), "topic {topic} does not exist");
+        let committed: HashMap<i32, i64> = if resume {
+            let mut wanted = TopicPartitionList::new();
+            for partition in &partitions {
+                wanted.add_partition(topic, *partition);
+            }
+            consumer
+                .committed_offsets(wanted, TIMEOUT)
+                .context("reading the checkpoint's committed offsets")?
+                .elements()
+                .iter()
+                .filter_map(|e| match e.offset() {
+                    Offset::Offset(o) => Some((e.partition(), o)),
+                    _ => None,
+                })
+                .collect()
+        } else {
+            HashMap::new()
+        };
         let mut assignment = TopicPartitionList::new();
         let (mut ends, mut next, mut total) = (HashMap::new(), HashMap::new(), 0);
         for partition in partitions {
             let (low, high) = consumer
                 .fetch_watermarks(topic, partition, TIMEOUT)
                 .with_context(|| format!("reading the offsets of {topic}/{partition}"))?;
+            let low = committed.get(&partition).map_or(low, |c| (*c).max(low));
             if high > low {
                 assignment.add_partition_offset(topic, partition, Offset::Offset(low))?;
                 ends.insert(partition, high);
@@ -98,6 +132,21 @@ impl TopicReader {
             chunk.push(record);
         }
         Ok(chunk)
+    }
+
+    /// Per partition, the offset after the last record handed over: what a checkpoint
+    /// commits.
+    pub fn positions(&self, topic: &str) -> anyhow::Result<TopicPartitionList> {
+        let mut list = TopicPartitionList::new();
+        for (partition, next) in &self.next {
+            list.add_partition_offset(topic, *partition, Offset::Offset(*next))?;
+        }
+        Ok(list)
+    }
+
+    /// The reader's group, for committing a checkpoint in a producer's transaction.
+    pub fn group_metadata(&self) -> Option<ConsumerGroupMetadata> {
+        self.consumer.group_metadata()
     }
 
     fn done(&self) -> bool {

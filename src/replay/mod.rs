@@ -11,7 +11,12 @@
 //! `--max-replays` times is refused (the worker carries the count onto every delay and
 //! dead-letter record, so the guard holds across hops). Idempotent writes make a
 //! replay safe. `--dry-run` publishes nothing. The command returns once the broker
-//! acknowledged every record it republished; it prints counts by outcome.
+//! acknowledged every record it republished; it prints counts by outcome. With
+//! `--checkpoint NAME`, each chunk's records and the source offsets after them are
+//! committed in one Kafka transaction (the offsets under the group
+//! `im-ingest-replay-<NAME>`, never the worker's): a replay killed mid-run and run again
+//! with the same name goes on where the last committed chunk ended, and every record is
+//! republished exactly once as read-committed consumers (the worker) see it.
 
 mod select;
 
@@ -21,7 +26,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::config::Settings;
 use crate::pipeline::Record;
@@ -48,6 +53,14 @@ pub struct ReplayArgs {
     /// Read and decide, publish nothing: print what would happen, by reason.
     #[arg(long)]
     pub dry_run: bool,
+    /// Make the replay resumable under this name: run it again with the same name after
+    /// it was stopped or killed, and it goes on where it left off, each record
+    /// republished once.
+    #[arg(long, value_name = "NAME")]
+    pub checkpoint: Option<String>,
+    /// Read at most this many records per second.
+    #[arg(long, value_name = "RECORDS")]
+    pub rate: Option<u32>,
     /// Print the summary as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -59,15 +72,35 @@ pub async fn run(settings: &Settings, args: &ReplayArgs) -> anyhow::Result<()> {
         .to
         .clone()
         .unwrap_or_else(|| settings.kafka.inbound_topic.clone());
-    let producer: FutureProducer = settings
-        .kafka
-        .client_config()
+    let checkpoint = args
+        .checkpoint
+        .as_ref()
+        .filter(|_| !args.dry_run)
+        .map(|name| format!("im-ingest-replay-{name}"));
+    let mut producer_config = settings.kafka.client_config();
+    producer_config
         .set("enable.idempotence", "true")
-        .set("acks", "all")
+        .set("acks", "all");
+    if let Some(id) = &checkpoint {
+        producer_config.set("transactional.id", id);
+    }
+    let producer: FutureProducer = producer_config
         .create()
         .context("creating the replay's producer")?;
-    let mut reader =
-        tokio::task::block_in_place(|| TopicReader::open(&settings.kafka, &args.from))?;
+    let mut reader = tokio::task::block_in_place(|| match &checkpoint {
+        Some(group) => {
+            // Fences a killed run's producer and aborts its open transaction.
+            producer
+                .init_transactions(SEND_TIMEOUT)
+                .context("starting the checkpoint's Kafka transactions")?;
+            TopicReader::resume(&settings.kafka, &args.from, group)
+        }
+        None => TopicReader::open(&settings.kafka, &args.from),
+    })?;
+    let chunk_size = args
+        .rate
+        .map_or(CHUNK, |rate| (rate as usize).clamp(1, CHUNK));
+    let started = std::time::Instant::now();
     let progress = indicatif::ProgressBar::new(reader.total).with_style(
         indicatif::ProgressStyle::with_template(
             "{spinner} {pos}/{len} records {per_sec} eta {eta} {wide_bar}",
@@ -75,10 +108,14 @@ pub async fn run(settings: &Settings, args: &ReplayArgs) -> anyhow::Result<()> {
         .expect("a valid progress template"),
     );
     let mut outcomes: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let mut read = 0u64;
     loop {
-        let chunk = tokio::task::block_in_place(|| reader.next_chunk(CHUNK))?;
+        let chunk = tokio::task::block_in_place(|| reader.next_chunk(chunk_size))?;
         if chunk.is_empty() {
             break;
+        }
+        if checkpoint.is_some() {
+            tokio::task::block_in_place(|| producer.begin_transaction())?;
         }
         let mut sends = Vec::new();
         for record in &chunk {
@@ -93,7 +130,26 @@ pub async fn run(settings: &Settings, args: &ReplayArgs) -> anyhow::Result<()> {
         for sent in futures_util::future::join_all(sends).await {
             sent?;
         }
+        if checkpoint.is_some() {
+            let positions = reader.positions(&args.from)?;
+            let group = reader
+                .group_metadata()
+                .context("the checkpoint's consumer has no group")?;
+            tokio::task::block_in_place(|| {
+                producer.send_offsets_to_transaction(&positions, &group, SEND_TIMEOUT)?;
+                producer.commit_transaction(SEND_TIMEOUT)
+            })
+            .context("committing a chunk of the replay with its checkpoint")?;
+        }
+        read += chunk.len() as u64;
         progress.inc(chunk.len() as u64);
+        if progress.is_hidden() && read % 100_000 < chunk.len() as u64 {
+            tracing::info!(read, total = reader.total, "replaying");
+        }
+        if let Some(rate) = args.rate {
+            let due = Duration::from_secs_f64(read as f64 / f64::from(rate.max(1)));
+            tokio::time::sleep(due.saturating_sub(started.elapsed())).await;
+        }
     }
     progress.finish_and_clear();
     let mut out = std::io::stdout().lock();

@@ -276,3 +276,90 @@ async fn a_tenant_and_a_time_window_replay_exactly_their_records_with_key_timest
     assert_eq!(header(r, "retry_topic-attempts"), None);
     assert_eq!(r.headers().map(|h| h.count()), Some(2));
 }
+
+#[tokio::test]
+async fn a_replay_killed_mid_run_and_resumed_republishes_each_record_exactly_once() {
+    let (source, target) = (unique("replay-src"), unique("replay-dst"));
+    let env = WorkerEnv::new(2);
+    for topic in [&source, &target] {
+        crate::worker::create_topics(&WorkerEnv {
+            inbound: topic.clone(),
+            ..env.clone()
+        })
+        .await;
+    }
+    const RECORDS: usize = 3_000;
+    let values = (0..RECORDS)
+        .map(|n| payload("someone", &format!("k{n}")))
+        .collect();
+    crate::unread::push_all(&source, values).await;
+    let checkpoint = unique("resumable");
+    let args = [
+        "replay",
+        "--from",
+        &source,
+        "--to",
+        &target,
+        "--checkpoint",
+        &checkpoint,
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let mut slow = std::process::Command::new(env!("CARGO_BIN_EXE_im-ingest"));
+    slow.args(args)
+        .args(["--rate", "500"])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    for (key, _) in std::env::vars() {
+        if key.starts_with("IM_INGEST__") {
+            slow.env_remove(key);
+        }
+    }
+    let mut slow = slow.spawn().unwrap();
+    // Killed once some chunks are committed, mid-run.
+    let deadline = Instant::now() + WAIT;
+    while committed_records(&env, &target).len() < 500 {
+        assert!(Instant::now() < deadline, "the replay committed nothing");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    slow.kill().unwrap();
+    slow.wait().unwrap();
+    let committed_before = committed_records(&env, &target).len();
+    assert!(
+        committed_before < RECORDS,
+        "the replay finished before it was killed"
+    );
+
+    let output = im_ingest(&args, &[]);
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    let replayed = committed_records(&env, &target);
+    let mut ids: Vec<String> = replayed
+        .iter()
+        .map(|r| {
+            let value: serde_json::Value =
+                serde_json::from_slice(r.value.as_deref().unwrap()).unwrap();
+            value["message_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(
+        (replayed.len(), ids.len()),
+        (RECORDS, RECORDS),
+        "{committed_before} were committed when the first run was killed"
+    );
+}
+
+/// Every committed record of `topic` (transaction markers and aborted records skipped).
+fn committed_records(env: &WorkerEnv, topic: &str) -> Vec<im_ingest::pipeline::Record> {
+    let mut reader =
+        im_ingest::topic_reader::TopicReader::open(&env.settings().kafka, topic).unwrap();
+    let mut records = Vec::new();
+    loop {
+        let chunk = reader.next_chunk(1_000).unwrap();
+        if chunk.is_empty() {
+            return records;
+        }
+        records.extend(chunk);
+    }
+}

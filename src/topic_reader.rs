@@ -144,6 +144,13 @@ impl TopicReader {
         Ok(list)
     }
 
+    /// Commits the offsets after the records handed over, for the reader's group (a
+    /// checkpoint outside a transaction).
+    pub fn commit(&self, topic: &str, mode: rdkafka::consumer::CommitMode) -> anyhow::Result<()> {
+        self.consumer.commit(&self.positions(topic)?, mode)?;
+        Ok(())
+    }
+
     /// The reader's group, for committing a checkpoint in a producer's transaction.
     pub fn group_metadata(&self) -> Option<ConsumerGroupMetadata> {
         self.consumer.group_metadata()

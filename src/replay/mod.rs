@@ -16,26 +16,27 @@
 //! committed in one Kafka transaction (the offsets under the group
 //! `im-ingest-replay-<NAME>`, never the worker's): a replay killed mid-run and run again
 //! with the same name goes on where the last committed chunk ended, and every record is
-//! republished exactly once as read-committed consumers (the worker) see it.
+//! republished exactly once as read-committed consumers (the worker) see it. With
+//! `--process`, the records are written here through the worker's pipeline instead
+//! (see `target`).
 
 mod select;
+mod target;
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::Duration;
 
 use anyhow::Context;
-use rdkafka::message::{Header, Headers, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, Producer};
 
 use crate::config::Settings;
-use crate::pipeline::Record;
-use crate::retry::headers::REPLAY_COUNT;
 use crate::topic_reader::TopicReader;
 pub use select::{Filters, Outcome};
+use target::Target;
 
 const CHUNK: usize = 500;
-const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+const INIT_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, clap::Args)]
 pub struct ReplayArgs {
@@ -43,8 +44,12 @@ pub struct ReplayArgs {
     #[arg(long)]
     pub from: String,
     /// Where to republish them (default: `kafka.inbound_topic`).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "process")]
     pub to: Option<String>,
+    /// Instead of republishing, write the records here and now through the worker's
+    /// pipeline (locks, batches, delay and dead-letter topics); no worker needed.
+    #[arg(long)]
+    pub process: bool,
     #[command(flatten)]
     pub filters: Filters,
     /// A record already replayed this many times is refused (the loop guard).
@@ -68,33 +73,19 @@ pub struct ReplayArgs {
 
 /// Runs the command and prints its summary.
 pub async fn run(settings: &Settings, args: &ReplayArgs) -> anyhow::Result<()> {
-    let target = args
-        .to
-        .clone()
-        .unwrap_or_else(|| settings.kafka.inbound_topic.clone());
     let checkpoint = args
         .checkpoint
         .as_ref()
         .filter(|_| !args.dry_run)
         .map(|name| format!("im-ingest-replay-{name}"));
-    let mut producer_config = settings.kafka.client_config();
-    producer_config
-        .set("enable.idempotence", "true")
-        .set("acks", "all");
-    if let Some(id) = &checkpoint {
-        producer_config.set("transactional.id", id);
-    }
-    let producer: FutureProducer = producer_config
-        .create()
-        .context("creating the replay's producer")?;
+    let destination = match (&args.to, args.process) {
+        (_, true) => "the pipeline, in-process".to_string(),
+        (Some(to), false) => to.clone(),
+        (None, false) => settings.kafka.inbound_topic.clone(),
+    };
+    let target = target(settings, args, &destination, checkpoint.is_some()).await?;
     let mut reader = tokio::task::block_in_place(|| match &checkpoint {
-        Some(group) => {
-            // Fences a killed run's producer and aborts its open transaction.
-            producer
-                .init_transactions(SEND_TIMEOUT)
-                .context("starting the checkpoint's Kafka transactions")?;
-            TopicReader::resume(&settings.kafka, &args.from, group)
-        }
+        Some(group) => TopicReader::resume(&settings.kafka, &args.from, group),
         None => TopicReader::open(&settings.kafka, &args.from),
     })?;
     let chunk_size = args
@@ -114,36 +105,23 @@ pub async fn run(settings: &Settings, args: &ReplayArgs) -> anyhow::Result<()> {
         if chunk.is_empty() {
             break;
         }
-        if checkpoint.is_some() {
-            tokio::task::block_in_place(|| producer.begin_transaction())?;
-        }
-        let mut sends = Vec::new();
-        for record in &chunk {
+        let chunk_len = chunk.len() as u64;
+        read += chunk_len;
+        let mut selected = Vec::new();
+        for record in chunk {
             let outcome =
                 args.filters
-                    .select(record, settings.worker.max_message_bytes, args.max_replays);
+                    .select(&record, settings.worker.max_message_bytes, args.max_replays);
             *outcomes.entry(outcome.label(args.dry_run)).or_default() += 1;
-            if let (Outcome::Replay { count }, false) = (outcome, args.dry_run) {
-                sends.push(republish(&producer, &target, record, count));
+            if let Outcome::Replay { count } = outcome {
+                selected.push((record, count));
             }
         }
-        for sent in futures_util::future::join_all(sends).await {
-            sent?;
-        }
-        if checkpoint.is_some() {
-            let positions = reader.positions(&args.from)?;
-            let group = reader
-                .group_metadata()
-                .context("the checkpoint's consumer has no group")?;
-            tokio::task::block_in_place(|| {
-                producer.send_offsets_to_transaction(&positions, &group, SEND_TIMEOUT)?;
-                producer.commit_transaction(SEND_TIMEOUT)
-            })
-            .context("committing a chunk of the replay with its checkpoint")?;
-        }
-        read += chunk.len() as u64;
-        progress.inc(chunk.len() as u64);
-        if progress.is_hidden() && read % 100_000 < chunk.len() as u64 {
+        target
+            .deliver(selected, &reader, &args.from, &mut outcomes)
+            .await?;
+        progress.inc(chunk_len);
+        if progress.is_hidden() && read % 100_000 < chunk_len {
             tracing::info!(read, total = reader.total, "replaying");
         }
         if let Some(rate) = args.rate {
@@ -152,70 +130,74 @@ pub async fn run(settings: &Settings, args: &ReplayArgs) -> anyhow::Result<()> {
         }
     }
     progress.finish_and_clear();
+    print(args, &destination, reader.total, &outcomes)
+}
+
+/// Where this replay delivers, set up (a checkpointed republish starts its
+/// transactions, which fences a killed run's producer and aborts its open transaction).
+async fn target(
+    settings: &Settings,
+    args: &ReplayArgs,
+    destination: &str,
+    checkpointed: bool,
+) -> anyhow::Result<Target> {
+    if args.dry_run {
+        return Ok(Target::DryRun);
+    }
+    if args.process {
+        let topics = crate::consumer::ensure_topics(settings)
+            .await
+            .context("making sure the worker's topics exist")?;
+        let pipeline = crate::worker::build_pipeline(settings, &topics).await?;
+        return Ok(Target::Process {
+            pipeline: Box::new(pipeline),
+            checkpointed,
+        });
+    }
+    let mut config = settings.kafka.client_config();
+    config.set("enable.idempotence", "true").set("acks", "all");
+    if let Some(name) = &args.checkpoint {
+        config.set("transactional.id", format!("im-ingest-replay-{name}"));
+    }
+    let producer: FutureProducer = config.create().context("creating the replay's producer")?;
+    if checkpointed {
+        tokio::task::block_in_place(|| producer.init_transactions(INIT_TIMEOUT))
+            .context("starting the checkpoint's Kafka transactions")?;
+    }
+    Ok(Target::Topic {
+        producer,
+        topic: destination.to_string(),
+        transactional: checkpointed,
+    })
+}
+
+fn print(
+    args: &ReplayArgs,
+    destination: &str,
+    total: u64,
+    outcomes: &BTreeMap<&'static str, u64>,
+) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     if args.json {
         let summary = serde_json::json!({
-            "from": args.from, "to": target, "dry_run": args.dry_run,
-            "records": reader.total, "outcomes": outcomes,
+            "from": args.from, "to": destination, "dry_run": args.dry_run,
+            "records": total, "outcomes": outcomes,
         });
         writeln!(out, "{summary}")?;
+        return Ok(());
+    }
+    let dry = if args.dry_run {
+        " (dry run: nothing published)"
     } else {
-        writeln!(
-            out,
-            "{} -> {target}{}: {} records read",
-            args.from,
-            if args.dry_run {
-                " (dry run: nothing published)"
-            } else {
-                ""
-            },
-            reader.total
-        )?;
-        for (outcome, count) in &outcomes {
-            writeln!(out, "  {outcome}: {count}")?;
-        }
+        ""
+    };
+    writeln!(
+        out,
+        "{} -> {destination}{dry}: {total} records read",
+        args.from
+    )?;
+    for (outcome, count) in outcomes {
+        writeln!(out, "  {outcome}: {count}")?;
     }
-    Ok(())
-}
-
-/// Publishes `record` to `topic` as a first attempt, replayed `count` times, and waits
-/// for the broker's acknowledgement.
-async fn republish(
-    producer: &FutureProducer,
-    topic: &str,
-    record: &Record,
-    count: u32,
-) -> anyhow::Result<()> {
-    let count_text = count.to_string();
-    let kept = record
-        .headers
-        .iter()
-        .flat_map(|headers| headers.iter())
-        .filter(|h| !select::is_retry_header(h.key) && h.key != REPLAY_COUNT)
-        .fold(OwnedHeaders::new(), |headers, h| headers.insert(h));
-    let headers = kept.insert(Header {
-        key: REPLAY_COUNT,
-        value: Some(count_text.as_bytes()),
-    });
-    let mut out = FutureRecord::<[u8], [u8]>::to(topic).headers(headers);
-    if let Some(key) = &record.key {
-        out = out.key(key.as_slice());
-    }
-    if let Some(value) = &record.value {
-        out = out.payload(value.as_slice());
-    }
-    if let Some(timestamp) = record.timestamp {
-        out = out.timestamp(timestamp);
-    }
-    producer
-        .send(out, SEND_TIMEOUT)
-        .await
-        .map_err(|(error, _)| error)
-        .with_context(|| {
-            format!(
-                "republishing {}/{}@{} to {topic}",
-                record.topic, record.partition, record.offset
-            )
-        })?;
     Ok(())
 }

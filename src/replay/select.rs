@@ -11,7 +11,7 @@ use crate::pipeline::Record;
 use crate::retry::headers::{self, DLT_EXCEPTION_FQCN};
 
 /// Range and filters; every one given must match.
-#[derive(Debug, Clone, Default, clap::Args)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
 pub struct Filters {
     /// Only these partitions of the source topic (repeat the flag for several).
     #[arg(long = "partition")]

@@ -15,6 +15,7 @@ use std::io::Write;
 use anyhow::Context;
 
 use crate::config::Settings;
+use crate::pipeline::Record;
 use crate::retry::headers::RetryHeaders;
 use crate::topic_reader::TopicReader;
 use check::{DeadLetters, Report, Verifier};
@@ -30,6 +31,11 @@ pub struct VerifyArgs {
     /// How many mismatches to print (all are counted).
     #[arg(long, default_value_t = 20)]
     pub show: usize,
+    /// Range and filters, as `replay` takes them. With any, only the selected records
+    /// are checked, with what they imply that a part of the topic can (last message
+    /// times, read watermarks); nicknames and the database-wide checks need it whole.
+    #[command(flatten)]
+    pub filters: crate::replay::Filters,
     /// Print the report as one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -52,18 +58,23 @@ pub async fn run(settings: &Settings, args: &VerifyArgs) -> anyhow::Result<()> {
         )
         .expect("a valid progress template"),
     );
-    let mut verifier = Verifier::new(
-        pool,
-        settings.worker.max_message_bytes,
-        dead_letters,
-        args.show,
-    );
+    let max_bytes = settings.worker.max_message_bytes;
+    let mut verifier = Verifier::new(pool, &topic, max_bytes, dead_letters, args.show);
     loop {
         let chunk = tokio::task::block_in_place(|| reader.next_chunk(CHUNK))?;
         if chunk.is_empty() {
             break;
         }
-        verifier.check(&chunk).await?;
+        let selected: Vec<Record> = chunk
+            .iter()
+            .filter(|record| {
+                let outcome = args.filters.select(record, max_bytes, u32::MAX);
+                matches!(outcome, crate::replay::Outcome::Replay { .. })
+            })
+            .cloned()
+            .collect();
+        verifier.report.skipped += (chunk.len() - selected.len()) as u64;
+        verifier.check(&selected).await?;
         progress.inc(chunk.len() as u64);
         if !progress.is_hidden() {
             continue;
@@ -77,7 +88,9 @@ pub async fn run(settings: &Settings, args: &VerifyArgs) -> anyhow::Result<()> {
         }
     }
     progress.finish_and_clear();
-    verifier.finish().await?;
+    verifier
+        .finish(args.filters == crate::replay::Filters::default())
+        .await?;
     print(&topic, &verifier.report, args.json)?;
     anyhow::ensure!(
         verifier.report.mismatch_count == 0,
@@ -131,6 +144,13 @@ fn print(topic: &str, report: &Report, json: bool) -> anyhow::Result<()> {
         "{topic}: {} records ({} messages, {} read receipts); {dead} dead-lettered; {} mismatches",
         report.records, report.messages, report.read_receipts, report.mismatch_count
     )?;
+    if report.skipped > 0 {
+        writeln!(
+            out,
+            "  outside the range or filtered out: {}",
+            report.skipped
+        )?;
+    }
     for (reason, count) in &report.dead_lettered {
         writeln!(out, "  dead-lettered as {reason}: {count}")?;
     }

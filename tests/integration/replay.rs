@@ -363,3 +363,38 @@ fn committed_records(env: &WorkerEnv, topic: &str) -> Vec<im_ingest::pipeline::R
         records.extend(chunk);
     }
 }
+
+#[tokio::test]
+async fn dead_letters_replayed_in_process_are_stored_without_a_worker() {
+    let env = WorkerEnv::new(1);
+    let (worker, pool) = start(&env).await;
+    refuse_message_id(&pool, "p2").await;
+    let customer = unique("c");
+    for id in ["p1", "p2"] {
+        produce(
+            &producer(),
+            &env.inbound,
+            Some(0),
+            payload(&customer, id).as_bytes(),
+        )
+        .await;
+    }
+    wait_until_all_committed(&env, &worker).await;
+    drop(worker);
+    sqlx::query("DROP TRIGGER refuse_message")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let vars = env.vars();
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let output = im_ingest(&["replay", "--from", &env.dlq, "--process"], &vars);
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    let report = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        report.contains("replayed: 1") && report.contains("stored: 1"),
+        "{report}"
+    );
+    assert_eq!(count(&pool, &count_of("p2")).await, 1);
+    pool.close().await;
+    env.drop_database().await;
+}

@@ -1,7 +1,8 @@
 //! `im-ingest verify` against real Kafka and MariaDB: it passes on what a worker
 //! stored, tells dead-lettered records apart from lost ones, and fails naming the
 //! record's offset after a row is deleted by hand, a row's content altered, a message
-//! repointed to another customer's session, and a nickname altered.
+//! repointed to another customer's session, and a nickname altered — and when a row's
+//! provenance names a record that does not carry it.
 
 use crate::helpers::{im_ingest, stderr_of, unique, WorkerEnv};
 use crate::kafka_util::{produce, producer};
@@ -10,8 +11,13 @@ use crate::worker::{finish, start, wait_until_all_committed};
 
 /// Runs `verify` on the test's inbound topic; returns (success, stdout).
 pub fn verify(env: &WorkerEnv) -> (bool, String) {
+    verify_with(env, &[])
+}
+
+/// Runs `verify` with more arguments (range, filters).
+fn verify_with(env: &WorkerEnv, more: &[&str]) -> (bool, String) {
     let output = im_ingest(
-        &["verify", "--show", "50"],
+        &[&["verify", "--show", "50"], more].concat(),
         &[
             ("IM_INGEST__KAFKA__INBOUND_TOPIC", &env.inbound),
             ("IM_INGEST__KAFKA__DLQ_TOPIC", &env.dlq),
@@ -123,6 +129,15 @@ async fn verify_passes_on_a_clean_run_and_names_the_offset_of_each_hand_made_mis
         )),
         "{report}"
     );
+    sqlx::query("UPDATE message SET source_offset = 999 WHERE external_message_id = 'm4'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (_, report) = verify(&env);
+    assert!(
+        report.contains("1 stored messages name as their source a record of"),
+        "{report}"
+    );
     // The copy of m1 is missing too, and the hand edits left two sessions' unread
     // counts off their rows (m1 gone from ann's, m3 moved to bob's).
     assert!(
@@ -137,6 +152,13 @@ async fn verify_passes_on_a_clean_run_and_names_the_offset_of_each_hand_made_mis
         report.contains("unread_count 1, its rows say 2"),
         "{report}"
     );
-    assert!(report.contains("; 7 mismatches"), "{report}");
+    assert!(report.contains("; 8 mismatches"), "{report}");
+    // Narrowed to one untouched message, it passes.
+    let (ok, report) = verify_with(&env, &["--message-id", "m4"]);
+    assert!(ok, "{report}");
+    assert!(
+        report.contains(": 1 records (1 messages") && report.contains("filtered out: 5"),
+        "{report}"
+    );
     finish(&env, worker, pool).await;
 }

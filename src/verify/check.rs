@@ -5,10 +5,11 @@
 //! under the record's customer, in the session of that customer and the record's agent;
 //! a record that is not stored counts as dead-lettered (with the dead letter's reason)
 //! when the dead-letter topic holds it, as a mismatch otherwise. At the end, what the
-//! whole topic implies is checked: each customer's nickname is the newest message's,
-//! each session's `last_message_at` and `read_up_to` are at least the newest message's
-//! and receipt's, every unread count equals a recount of its rows, and no natural key
-//! is stored twice. Memory: per customer and per session of the topic, not per record.
+//! whole topic implies is checked: each customer's nickname and avatar are their
+//! newest carrier's, each session's `last_message_at` and `read_up_to` are at least the
+//! newest message's and receipt's, every unread count equals a recount of its rows, each
+//! row's provenance names a record that carries it, and no natural key is stored
+//! twice. Memory: per customer and per session of the topic, not per record.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -55,6 +56,22 @@ pub struct Report {
 }
 
 type CustomerKey = (String, String, String);
+
+/// A profile field, each newest-wins on its own (in the order of the customer query).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Field {
+    Nickname = 0,
+    Avatar = 1,
+}
+
+impl Field {
+    fn name(self) -> &'static str {
+        match self {
+            Field::Nickname => "nickname",
+            Field::Avatar => "avatar",
+        }
+    }
+}
 type SessionKey = (String, String, String, String);
 
 /// Where a record is, for reports.
@@ -70,7 +87,8 @@ pub struct Verifier {
     max_bytes: usize,
     dead_letters: DeadLetters,
     keep: usize,
-    newest_nickname: HashMap<CustomerKey, ((i64, String), String, At)>,
+    /// Per customer and profile field: the newest carrier's marker, value and record.
+    newest_profile: HashMap<(CustomerKey, Field), ((i64, String), String, At)>,
     /// The topic being verified, and how many stored messages name one of its records
     /// that carries them as their source (see [`Verifier::check_provenance`]).
     topic: String,
@@ -93,7 +111,7 @@ impl Verifier {
             max_bytes,
             dead_letters,
             keep,
-            newest_nickname: HashMap::new(),
+            newest_profile: HashMap::new(),
             topic: topic.to_string(),
             provenance_confirmed: 0,
             latest_message: HashMap::new(),
@@ -167,18 +185,25 @@ impl Verifier {
         if m.sent_at > latest.0 {
             *latest = (m.sent_at, at);
         }
-        if let Some(nickname) = m.profile.as_ref().and_then(|p| p.nickname.clone()) {
-            let customer = (
-                m.tenant_id.clone(),
-                m.platform.clone(),
-                m.from_user_id.clone(),
-            );
+        let customer = (
+            m.tenant_id.clone(),
+            m.platform.clone(),
+            m.from_user_id.clone(),
+        );
+        let profile = m.profile.as_ref();
+        for (field, value) in [
+            (Field::Nickname, profile.and_then(|p| p.nickname.clone())),
+            (Field::Avatar, profile.and_then(|p| p.avatar.clone())),
+        ] {
+            let Some(value) = value else {
+                continue;
+            };
             let marker = (m.sent_at, m.message_id.clone());
-            match self.newest_nickname.get(&customer) {
+            let key = (customer.clone(), field);
+            match self.newest_profile.get(&key) {
                 Some((newest, _, _)) if *newest >= marker => {}
                 _ => {
-                    self.newest_nickname
-                        .insert(customer, (marker, nickname, at));
+                    self.newest_profile.insert(key, (marker, value, at));
                 }
             }
         }
@@ -257,7 +282,7 @@ impl Verifier {
     pub async fn finish(&mut self, whole: bool) -> anyhow::Result<()> {
         self.check_sessions().await?;
         if whole {
-            self.check_nicknames().await?;
+            self.check_profiles().await?;
             self.check_provenance().await?;
             self.check_database_wide().await?;
         }
@@ -286,19 +311,21 @@ impl Verifier {
         Ok(())
     }
 
-    async fn check_nicknames(&mut self) -> anyhow::Result<()> {
-        let expected: Vec<(CustomerKey, String, At)> = self
-            .newest_nickname
+    /// Each profile field is the newest carrier's (by time, then message id).
+    async fn check_profiles(&mut self) -> anyhow::Result<()> {
+        let expected: Vec<((CustomerKey, Field), String, At)> = self
+            .newest_profile
             .drain()
-            .map(|(key, (_, nickname, at))| (key, nickname, at))
+            .map(|(key, (_, value, at))| (key, value, at))
             .collect();
         for chunk in expected.chunks(500) {
             let mut query = QueryBuilder::<MySql>::new(
                 "SELECT CAST(tenant_id AS CHAR), CAST(platform AS CHAR), \
-                 CAST(external_user_id AS CHAR), nickname FROM customer WHERE (tenant_id, platform, external_user_id) IN (",
+                 CAST(external_user_id AS CHAR), nickname, avatar FROM customer \
+                 WHERE (tenant_id, platform, external_user_id) IN (",
             );
             let mut list = query.separated(", ");
-            for ((t, p, u), _, _) in chunk {
+            for (((t, p, u), _), _, _) in chunk {
                 list.push("(")
                     .push_bind_unseparated(t)
                     .push_unseparated(", ")
@@ -308,23 +335,25 @@ impl Verifier {
                     .push_unseparated(")");
             }
             query.push(")");
-            let rows: Vec<(String, String, String, Option<String>)> =
-                query.build_query_as().fetch_all(&self.pool).await?;
-            let stored: HashMap<CustomerKey, Option<String>> = rows
+            type Row = (String, String, String, Option<String>, Option<String>);
+            let rows: Vec<Row> = query.build_query_as().fetch_all(&self.pool).await?;
+            let stored: HashMap<CustomerKey, [Option<String>; 2]> = rows
                 .into_iter()
-                .map(|(t, p, u, n)| ((t, p, u), n))
+                .map(|(t, p, u, nickname, avatar)| ((t, p, u), [nickname, avatar]))
                 .collect();
-            for (key, nickname, at) in chunk {
-                match stored.get(key) {
-                    Some(Some(n)) if n == nickname => {}
-                    found => self.mismatch(
+            for ((customer, field), value, at) in chunk {
+                let found = stored
+                    .get(customer)
+                    .and_then(|fields| fields[*field as usize].clone());
+                if found.as_ref() != Some(value) {
+                    self.mismatch(
                         Some(*at),
                         format!(
-                            "customer {}: nickname is {:?}, the newest message carrying one says {nickname:?}",
-                            key.2,
-                            found.cloned().flatten()
+                            "customer {}: {} is {found:?}, the newest message carrying one says {value:?}",
+                            customer.2,
+                            field.name()
                         ),
-                    ),
+                    );
                 }
             }
         }

@@ -1,8 +1,8 @@
 //! `im-ingest verify` against real Kafka and MariaDB: it passes on what a worker
 //! stored, tells dead-lettered records apart from lost ones, and fails naming the
 //! record's offset after a row is deleted by hand, a row's content altered, a message
-//! repointed to another customer's session, and a nickname altered — and when a row's
-//! provenance names a record that does not carry it.
+//! repointed to another customer's session, and a nickname (and an avatar) altered —
+//! and when a row's provenance names a record that does not carry it.
 
 use crate::helpers::{im_ingest, stderr_of, unique, WorkerEnv};
 use crate::kafka_util::{produce, producer};
@@ -129,6 +129,16 @@ async fn verify_passes_on_a_clean_run_and_names_the_offset_of_each_hand_made_mis
         )),
         "{report}"
     );
+    sqlx::query("UPDATE customer SET avatar = 'other.jpg' WHERE external_user_id = ?")
+        .bind(&ann)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (_, report) = verify(&env);
+    assert!(
+        report.contains(&format!("customer {ann}: avatar is Some(\"other.jpg\"), the newest message carrying one says \"a.jpg\"")),
+        "{report}"
+    );
     sqlx::query("UPDATE message SET source_offset = 999 WHERE external_message_id = 'm4'")
         .execute(&pool)
         .await
@@ -152,7 +162,7 @@ async fn verify_passes_on_a_clean_run_and_names_the_offset_of_each_hand_made_mis
         report.contains("unread_count 1, its rows say 2"),
         "{report}"
     );
-    assert!(report.contains("; 8 mismatches"), "{report}");
+    assert!(report.contains("; 9 mismatches"), "{report}");
     // Narrowed to one untouched message, it passes.
     let (ok, report) = verify_with(&env, &["--message-id", "m4"]);
     assert!(ok, "{report}");

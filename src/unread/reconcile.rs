@@ -171,31 +171,39 @@ pub async fn drain_noted(
                     ?agent,
                     "rebuilding a noted agent failed; its note stays, at the back"
                 );
-                sqlx::query(
-                    "UPDATE unread_reconcile SET noted_at = CURRENT_TIMESTAMP(3) \
-                     WHERE tenant_id = ? AND platform = ? AND agent_id = ? AND token = ?",
+                on_note(
+                    pool,
+                    "UPDATE unread_reconcile SET noted_at = CURRENT_TIMESTAMP(3)",
+                    &agent,
+                    *token,
                 )
-                .bind(tenant_id)
-                .bind(platform)
-                .bind(agent_id)
-                .bind(token)
-                .execute(pool)
                 .await?;
                 continue;
             }
         };
         metrics::counter!("im_ingest_unread_drift_total").increment(drift.conversations as u64);
-        sqlx::query(
-            "DELETE FROM unread_reconcile WHERE tenant_id = ? AND platform = ? AND agent_id = ? \
-             AND token = ?",
-        )
-        .bind(tenant_id)
-        .bind(platform)
-        .bind(agent_id)
-        .bind(token)
-        .execute(pool)
-        .await?;
+        on_note(pool, "DELETE FROM unread_reconcile", &agent, *token).await?;
         rebuilt += 1;
     }
     Ok((rows.len(), rebuilt))
+}
+
+/// Runs `statement` (an `UPDATE … SET …` or a `DELETE FROM …` of `unread_reconcile`) on
+/// the agent's note, if it still carries `token` (no newer note replaced it).
+async fn on_note(
+    pool: &MySqlPool,
+    statement: &str,
+    agent: &Agent,
+    token: u64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!(
+        "{statement} WHERE tenant_id = ? AND platform = ? AND agent_id = ? AND token = ?"
+    ))
+    .bind(&agent.tenant_id)
+    .bind(&agent.platform)
+    .bind(&agent.agent_id)
+    .bind(token)
+    .execute(pool)
+    .await?;
+    Ok(())
 }

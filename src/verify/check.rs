@@ -324,17 +324,10 @@ impl Verifier {
                  CAST(external_user_id AS CHAR), nickname, avatar FROM customer \
                  WHERE (tenant_id, platform, external_user_id) IN (",
             );
-            let mut list = query.separated(", ");
-            for (((t, p, u), _), _, _) in chunk {
-                list.push("(")
-                    .push_bind_unseparated(t)
-                    .push_unseparated(", ")
-                    .push_bind_unseparated(p)
-                    .push_unseparated(", ")
-                    .push_bind_unseparated(u)
-                    .push_unseparated(")");
-            }
-            query.push(")");
+            push_tuples(
+                &mut query,
+                chunk.iter().map(|(((t, p, u), _), _, _)| vec![t, p, u]),
+            );
             type Row = (String, String, String, Option<String>, Option<String>);
             let rows: Vec<Row> = query.build_query_as().fetch_all(&self.pool).await?;
             let stored: HashMap<CustomerKey, [Option<String>; 2]> = rows
@@ -378,19 +371,10 @@ impl Verifier {
                  s.read_up_to FROM session s JOIN customer c ON c.id = s.customer_id \
                  WHERE (s.tenant_id, s.platform, c.external_user_id, s.agent_id) IN (",
             );
-            let mut list = query.separated(", ");
-            for ((t, p, u, a), _) in chunk {
-                list.push("(")
-                    .push_bind_unseparated(t)
-                    .push_unseparated(", ")
-                    .push_bind_unseparated(p)
-                    .push_unseparated(", ")
-                    .push_bind_unseparated(u)
-                    .push_unseparated(", ")
-                    .push_bind_unseparated(a)
-                    .push_unseparated(")");
-            }
-            query.push(")");
+            push_tuples(
+                &mut query,
+                chunk.iter().map(|((t, p, u, a), _)| vec![t, p, u, a]),
+            );
             type Row = (String, String, String, String, Option<i64>, Option<i64>);
             let rows: Vec<Row> = query.build_query_as().fetch_all(&self.pool).await?;
             let stored: HashMap<SessionKey, (Option<i64>, Option<i64>)> = rows
@@ -471,6 +455,25 @@ impl Verifier {
 
 /// A stored message: id, content, type, sent time, customer, agent, and whether its
 /// session belongs to its customer.
+/// Ends an `… IN (` with the rows' values as row constructors, `(?, ?), (?, ?))`.
+fn push_tuples<'q>(
+    query: &mut QueryBuilder<'q, MySql>,
+    rows: impl Iterator<Item = Vec<&'q String>>,
+) {
+    let mut list = query.separated(", ");
+    for row in rows {
+        list.push("(");
+        for (position, value) in row.into_iter().enumerate() {
+            if position > 0 {
+                list.push_unseparated(", ");
+            }
+            list.push_bind_unseparated(value);
+        }
+        list.push_unseparated(")");
+    }
+    query.push(")");
+}
+
 /// ...and its provenance (topic, partition, offset).
 type StoredMessage = (
     String,

@@ -75,79 +75,54 @@ async fn verify_passes_on_a_clean_run_and_names_the_offset_of_each_hand_made_mis
     );
     assert!(!report.contains(&format!("offset {invalid}")), "{report}");
 
-    sqlx::query("DELETE FROM message WHERE external_message_id = 'm1'")
-        .execute(&pool)
-        .await
-        .unwrap();
-    let (ok, report) = verify(&env);
-    assert!(!ok);
-    assert!(
-        report.contains(&format!("offset {}: message m1 is not stored", offsets[0])),
-        "{report}"
-    );
-
-    sqlx::query("UPDATE message SET content = 'altered' WHERE external_message_id = 'm2'")
-        .execute(&pool)
-        .await
-        .unwrap();
-    let (_, report) = verify(&env);
-    assert!(
-        report.contains(&format!(
-            "offset {}: message m2: content differs",
-            offsets[1]
-        )),
-        "{report}"
-    );
-
-    sqlx::query(
-        "UPDATE message SET session_id = (SELECT s.id FROM session s JOIN customer c \
-         ON c.id = s.customer_id WHERE c.external_user_id = ?) WHERE external_message_id = 'm3'",
-    )
-    .bind(&bob)
-    .execute(&pool)
-    .await
-    .unwrap();
-    let (_, report) = verify(&env);
-    assert!(
-        report.contains(&format!(
-            "offset {}: message m3: in a session of agent",
-            offsets[2]
-        )) && report.contains("of another customer"),
-        "{report}"
-    );
-
-    sqlx::query("UPDATE customer SET nickname = 'Mallory' WHERE external_user_id = ?")
-        .bind(&bob)
-        .execute(&pool)
-        .await
-        .unwrap();
-    let (_, report) = verify(&env);
-    assert!(
-        report.contains(&format!(
-            "offset {}: customer {bob}: nickname is Some(\"Mallory\"), the newest message carrying one says \"Ann\"",
-            offsets[3]
-        )),
-        "{report}"
-    );
-    sqlx::query("UPDATE customer SET avatar = 'other.jpg' WHERE external_user_id = ?")
-        .bind(&ann)
-        .execute(&pool)
-        .await
-        .unwrap();
-    let (_, report) = verify(&env);
-    assert!(
-        report.contains(&format!("customer {ann}: avatar is Some(\"other.jpg\"), the newest message carrying one says \"a.jpg\"")),
-        "{report}"
-    );
-    sqlx::query("UPDATE message SET source_offset = 999 WHERE external_message_id = 'm4'")
-        .execute(&pool)
-        .await
-        .unwrap();
-    let (_, report) = verify(&env);
-    assert!(
-        report.contains("1 stored messages name as their source a record of"),
-        "{report}"
-    );
+    // Each hand edit (its one parameter bound; `? <> ''` where the edit needs none),
+    // then verify: it fails and names what the edit broke.
+    let repoint = "UPDATE message SET session_id = (SELECT s.id FROM session s JOIN customer c \
+                   ON c.id = s.customer_id WHERE c.external_user_id = ?) \
+                   WHERE external_message_id = 'm3'";
+    let edits: [(&str, &str, String); 6] = [
+        (
+            "DELETE FROM message WHERE external_message_id = 'm1' AND ? <> ''",
+            "-",
+            format!("offset {}: message m1 is not stored", offsets[0]),
+        ),
+        (
+            "UPDATE message SET content = 'altered' WHERE external_message_id = 'm2' AND ? <> ''",
+            "-",
+            format!("offset {}: message m2: content differs", offsets[1]),
+        ),
+        (
+            repoint,
+            &bob,
+            format!("offset {}: message m3: in a session of agent", offsets[2]),
+        ),
+        (
+            "UPDATE customer SET nickname = 'Mallory' WHERE external_user_id = ?",
+            &bob,
+            format!("offset {}: customer {bob}: nickname is Some(\"Mallory\"), the newest message carrying one says \"Ann\"", offsets[3]),
+        ),
+        (
+            "UPDATE customer SET avatar = 'other.jpg' WHERE external_user_id = ?",
+            &ann,
+            format!("customer {ann}: avatar is Some(\"other.jpg\"), the newest message carrying one says \"a.jpg\""),
+        ),
+        (
+            "UPDATE message SET source_offset = 999 WHERE external_message_id = 'm4' AND ? <> ''",
+            "-",
+            "1 stored messages name as their source a record of".to_string(),
+        ),
+    ];
+    let mut report = String::new();
+    for (edit, bind, expected) in &edits {
+        sqlx::query(edit).bind(bind).execute(&pool).await.unwrap();
+        let ok;
+        (ok, report) = verify(&env);
+        assert!(
+            !ok && report.contains(expected.as_str()),
+            "after `{edit}`: {report}"
+        );
+    }
+    assert!(report.contains("of another customer"), "{report}");
     // The copy of m1 is missing too, and the hand edits left two sessions' unread
     // counts off their rows (m1 gone from ann's, m3 moved to bob's).
     assert!(

@@ -57,6 +57,10 @@ pub struct Report {
 
 type CustomerKey = (String, String, String);
 
+/// Per customer and profile field, the newest message carrying it: its (time, message
+/// id) marker, the value, and where the record is.
+type Carrier = ((i64, String), String, At);
+
 /// A profile field, each newest-wins on its own (in the order of the customer query).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Field {
@@ -87,8 +91,7 @@ pub struct Verifier {
     max_bytes: usize,
     dead_letters: DeadLetters,
     keep: usize,
-    /// Per customer and profile field: the newest carrier's marker, value and record.
-    newest_profile: HashMap<(CustomerKey, Field), ((i64, String), String, At)>,
+    newest_profile: HashMap<(CustomerKey, Field), Carrier>,
     /// The topic being verified, and how many stored messages name one of its records
     /// that carries them as their source (see [`Verifier::check_provenance`]).
     topic: String,

@@ -44,8 +44,10 @@ pub enum Command {
     /// the inbound topic) with their key, value and timestamp, as first attempts, with
     /// `im_ingest-replay-count` one higher; a record replayed `--max-replays` times is
     /// refused. Range (partitions, offsets, times) and filters (tenant, customer,
-    /// message id, error class) narrow it; `--dry-run` publishes nothing. Reads the
-    /// topic without joining any group.
+    /// message id, error class) narrow it; `--dry-run` publishes nothing; `--process`
+    /// writes the records here through the worker's pipeline instead; `--checkpoint`
+    /// makes it resumable, each record republished once. Reads the topic without
+    /// joining any group.
     Replay(crate::replay::ReplayArgs),
     /// Check that the database matches a topic (default: the inbound topic, all of it):
     /// every valid message stored once with its content, time, customer and session;

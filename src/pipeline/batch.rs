@@ -27,7 +27,7 @@ use crate::lock::{Acquire, LockClient, LockGuard};
 use crate::message::{Inbound, UserKey, INVALID_MESSAGE_FQCN};
 use crate::retry::policy::{NextStep, RetryPolicy};
 use crate::retry::publish::Publisher;
-use crate::store::{BatchConnection, UnreadRules};
+use crate::store::BatchConnection;
 use crate::unread::Unread;
 
 /// What the stages need; shared by every batch.
@@ -44,8 +44,6 @@ pub(super) struct Stages {
     pub redis_health: Arc<RedisHealth>,
     /// Users whose last write stalled in the database (see `write`).
     pub stalled_users: Arc<Mutex<HashSet<UserKey>>>,
-    /// How unread counts are kept (`unread.*`).
-    pub unread_rules: UnreadRules,
     /// Where committed unread changes are copied (Redis) or noted.
     pub unread: Unread,
 }

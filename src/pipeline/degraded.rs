@@ -10,6 +10,17 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// Whether a Redis error means Redis could not be reached or did not answer in time —
+/// what degraded mode is for — as opposed to an error Redis answered with (a script's
+/// error on one corrupted key), which says nothing about the others.
+pub fn is_unreachable(error: &redis::RedisError) -> bool {
+    error.is_io_error()
+        || error.is_timeout()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || error.is_unrecoverable_error()
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Healthy,

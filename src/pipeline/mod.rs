@@ -33,7 +33,7 @@ use std::time::Duration;
 use anyhow::Context;
 use sqlx::MySqlPool;
 
-pub use degraded::RedisHealth;
+pub use degraded::{is_unreachable, RedisHealth};
 pub use record::{now_millis, Job, Record};
 pub use route::DELAY_REFUSED_FQCN;
 pub use stage::BatchLimits;
@@ -129,7 +129,7 @@ impl Pipeline {
         let unread = Unread {
             pool: pool.clone(),
             copy: UnreadCopy::new(locks.connection()),
-            expire_after: None,
+            rules: UnreadRules::default(),
             redis_health: redis_health.clone(),
         };
         let stages = Arc::new(Stages {
@@ -142,7 +142,6 @@ impl Pipeline {
             lock_mode: LockMode::Redis,
             redis_health,
             stalled_users: Arc::default(),
-            unread_rules: UnreadRules::default(),
             unread,
         });
         let limits = BatchLimits::from(&crate::config::WorkerSettings::default());
@@ -178,8 +177,7 @@ impl Pipeline {
     /// How unread counts are kept (the `unread.*` settings).
     pub fn with_unread_rules(mut self, rules: UnreadRules) -> Self {
         let mut stages = (*self.stages).clone();
-        stages.unread_rules = rules;
-        stages.unread.expire_after = rules.expire_after_ms;
+        stages.unread.rules = rules;
         self.stages = Arc::new(stages);
         self.restart_stage()
     }

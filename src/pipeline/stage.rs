@@ -113,7 +113,7 @@ async fn run(stages: Arc<Stages>, mut queue: mpsc::UnboundedReceiver<Unit>, limi
         };
         let waited = Instant::now();
         let connection =
-            BatchConnection::acquire(&stages.pool, limits.write_stall, stages.unread_rules).await;
+            BatchConnection::acquire(&stages.pool, limits.write_stall, stages.unread.rules).await;
         metrics::histogram!("im_ingest_stage_seconds", "stage" => "connection")
             .record(waited.elapsed().as_secs_f64());
         let units = gather(first, &mut queue, &limits).await;

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use sqlx::MySqlPool;
 
-use crate::pipeline::RedisHealth;
-use crate::store::ConversationUnread;
+use crate::pipeline::{is_unreachable, RedisHealth};
+use crate::store::{ConversationUnread, UnreadRules};
 use copy::{Agent, UnreadCopy};
 use view::{Cursor, Source, UnreadView};
 
@@ -32,8 +32,8 @@ const REDIS_READ_TIMEOUT: Duration = Duration::from_millis(500);
 pub struct Unread {
     pub pool: MySqlPool,
     pub copy: UnreadCopy,
-    /// `unread.expire_after_days`, in ms.
-    pub expire_after: Option<i64>,
+    /// How counts are kept (`unread.*`): the write path and the reads apply the same.
+    pub rules: UnreadRules,
     /// While the worker is in degraded mode, reads go to MySQL without waiting on Redis.
     pub redis_health: Arc<RedisHealth>,
 }
@@ -126,7 +126,7 @@ impl Unread {
                         stored.conversations.into_values(),
                         stored.total,
                         now,
-                        self.expire_after,
+                        self.rules.expire_after_ms,
                         limit,
                         cursor,
                     ));
@@ -152,7 +152,7 @@ impl Unread {
             conversations,
             None,
             now,
-            self.expire_after,
+            self.rules.expire_after_ms,
             limit,
             cursor,
         ))
@@ -175,14 +175,4 @@ impl Unread {
         metrics::counter!("im_ingest_unread_rebuilds_total").increment(1);
         Ok(self.copy.read(agent).await?)
     }
-}
-
-/// Whether a Redis error means Redis could not be reached or did not answer in time (as
-/// opposed to an error it answered with).
-fn is_unreachable(error: &redis::RedisError) -> bool {
-    error.is_io_error()
-        || error.is_timeout()
-        || error.is_connection_dropped()
-        || error.is_connection_refusal()
-        || error.is_unrecoverable_error()
 }

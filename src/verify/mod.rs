@@ -65,17 +65,17 @@ pub async fn run(settings: &Settings, args: &VerifyArgs) -> anyhow::Result<()> {
         if chunk.is_empty() {
             break;
         }
+        let read = chunk.len();
         let selected: Vec<Record> = chunk
-            .iter()
+            .into_iter()
             .filter(|record| {
                 let outcome = args.filters.select(record, max_bytes, u32::MAX);
                 matches!(outcome, crate::replay::Outcome::Replay { .. })
             })
-            .cloned()
             .collect();
-        verifier.report.skipped += (chunk.len() - selected.len()) as u64;
+        verifier.report.skipped += (read - selected.len()) as u64;
         verifier.check(&selected).await?;
-        progress.inc(chunk.len() as u64);
+        progress.inc(read as u64);
         if !progress.is_hidden() {
             continue;
         }

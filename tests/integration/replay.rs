@@ -69,14 +69,17 @@ fn commit_for_group(group: &str, topic: &str, offset: i64) {
         .unwrap();
 }
 
-#[tokio::test]
-async fn dead_letters_replayed_after_their_cause_is_removed_are_stored_once_and_no_groups_offsets_move(
-) {
+/// A worker that stored `ids` of one customer, the database refusing `refused` (so it
+/// went to the dead-letter topic) until the test drops the trigger `refuse_message`.
+async fn with_a_refused_message(
+    ids: &[&str],
+    refused: &str,
+) -> (WorkerEnv, WorkerProcess, sqlx::MySqlPool) {
     let env = WorkerEnv::new(1);
     let (worker, pool) = start(&env).await;
-    refuse_message_id(&pool, "m2").await;
+    refuse_message_id(&pool, refused).await;
     let customer = unique("c");
-    for id in ["m1", "m2", "m3"] {
+    for id in ids {
         produce(
             &producer(),
             &env.inbound,
@@ -86,6 +89,13 @@ async fn dead_letters_replayed_after_their_cause_is_removed_are_stored_once_and_
         .await;
     }
     wait_until_all_committed(&env, &worker).await;
+    (env, worker, pool)
+}
+
+#[tokio::test]
+async fn dead_letters_replayed_after_their_cause_is_removed_are_stored_once_and_no_groups_offsets_move(
+) {
+    let (env, worker, pool) = with_a_refused_message(&["m1", "m2", "m3"], "m2").await;
     assert_eq!(count(&pool, &count_of("m2")).await, 0);
     assert_eq!(read_all(&env.dlq).len(), 1);
     // Another group has read the dead-letter topic up to its end.
@@ -366,20 +376,7 @@ fn committed_records(env: &WorkerEnv, topic: &str) -> Vec<im_ingest::pipeline::R
 
 #[tokio::test]
 async fn dead_letters_replayed_in_process_are_stored_without_a_worker() {
-    let env = WorkerEnv::new(1);
-    let (worker, pool) = start(&env).await;
-    refuse_message_id(&pool, "p2").await;
-    let customer = unique("c");
-    for id in ["p1", "p2"] {
-        produce(
-            &producer(),
-            &env.inbound,
-            Some(0),
-            payload(&customer, id).as_bytes(),
-        )
-        .await;
-    }
-    wait_until_all_committed(&env, &worker).await;
+    let (env, worker, pool) = with_a_refused_message(&["p1", "p2"], "p2").await;
     drop(worker);
     sqlx::query("DROP TRIGGER refuse_message")
         .execute(&pool)

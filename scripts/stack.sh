@@ -6,6 +6,12 @@
 #   scripts/stack.sh down   [kafka|mariadb|redis ...]   stop what this script started
 #   scripts/stack.sh status [kafka|mariadb|redis ...]   show each service, its port, whether it answers
 #
+# With --secure (e.g. `scripts/stack.sh up --secure`), the same commands act on a second,
+# secured set beside the plain one: Kafka SSL with client certificates and SASL_SSL
+# (PLAIN, SCRAM-SHA-256/512), MariaDB with TLS required and a least-privilege user, Redis
+# over TLS with an ACL user; certificates and passwords are generated on the first `up`
+# under STACK_DIR/secure (see scripts/stack-secure.sh and README "Security").
+#
 # Idempotent: a service already answering on its port is reused (and said so); one this
 # script manages that has died is started again. State lives under STACK_DIR.
 #
@@ -17,6 +23,9 @@
 #   MARIADB_PORT           MariaDB                     (default: 3306)
 #   REDIS_PORT             Redis                       (default: 6379)
 #   STACK_WAIT_SECONDS     readiness bound per service (default: 120)
+#   SECURE_KAFKA_SSL_PORT, SECURE_KAFKA_SASL_PORT, SECURE_KAFKA_CONTROLLER_PORT,
+#   SECURE_MARIADB_PORT, SECURE_REDIS_PORT   --secure ports (9192, 9193, 9194, 3307, 6380)
+#   SECURE_KAFKA_HEAP      JVM heap of the secure broker (default: 512m)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -27,19 +36,29 @@ KAFKA_HEAP=${KAFKA_HEAP:-1g}
 MARIADB_PORT=${MARIADB_PORT:-3306}
 REDIS_PORT=${REDIS_PORT:-6379}
 STACK_WAIT_SECONDS=${STACK_WAIT_SECONDS:-120}
+SECURE_KAFKA_HEAP=${SECURE_KAFKA_HEAP:-512m}
 HOST=127.0.0.1
 ALL_SERVICES=(kafka mariadb redis)
+# Set by --secure: act on the secured services (scripts/stack-secure.sh).
+SECURE=false
+# shellcheck source=scripts/stack-secure.sh
+. "$ROOT/scripts/stack-secure.sh"
+
+# Where a service's state lives: STACK_DIR/<svc>, or STACK_DIR/secure/<svc>.
+label() { if $SECURE; then echo "$1 (secure)"; else echo "$1"; fi; }
+state_dir() { if $SECURE; then echo "$SECURE_DIR/$1"; else echo "$STACK_DIR/$1"; fi; }
 
 say() { printf '%s\n' "$*"; }
 die() { printf 'stack: %s\n' "$*" >&2; exit 1; }
 
 usage() {
-  sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,30p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 # ---------------------------------------------------------------- helpers
 
 port_of() {
+  if $SECURE; then secure_port_of "$1"; return; fi
   case $1 in
     kafka) echo "$KAFKA_PORT" ;;
     mariadb) echo "$MARIADB_PORT" ;;
@@ -47,7 +66,7 @@ port_of() {
   esac
 }
 
-pid_file() { echo "$STACK_DIR/$1/pid"; }
+pid_file() { echo "$(state_dir "$1")/pid"; }
 
 # The pid of the process this script started for a service, if it is still alive.
 managed_pid() {
@@ -63,15 +82,15 @@ managed_pid() {
 
 log_file() {
   case $1 in
-    kafka) echo "$STACK_DIR/kafka/server.log" ;;
-    mariadb) echo "$STACK_DIR/mariadb/error.log" ;;
-    redis) echo "$STACK_DIR/redis/redis.log" ;;
+    kafka) echo "$(state_dir kafka)/server.log" ;;
+    mariadb) echo "$(state_dir mariadb)/error.log" ;;
+    redis) echo "$(state_dir redis)/redis.log" ;;
   esac
 }
 
 show_log_tail() {
   local svc=$1 file
-  for file in "$(log_file "$svc")" "$STACK_DIR/$svc/stdout.log"; do
+  for file in "$(log_file "$svc")" "$(state_dir "$svc")/stdout.log"; do
     if [ -s "$file" ]; then
       printf -- '--- last lines of %s ---\n' "$file" >&2
       tail -n 30 "$file" >&2
@@ -81,6 +100,7 @@ show_log_tail() {
 
 # Readiness means a real answer over TCP, not an open port.
 answers() {
+  if $SECURE; then secure_answers "$1" >/dev/null 2>&1; return; fi
   case $1 in
     kafka) python3 "$ROOT/scripts/kafka/kafka_ready.py" "$HOST" "$KAFKA_PORT" 2>/dev/null ;;
     mariadb) mariadb --no-defaults --protocol=TCP -h "$HOST" -P "$MARIADB_PORT" -u root \
@@ -90,6 +110,7 @@ answers() {
 }
 
 why_not() {
+  if $SECURE; then secure_answers "$1" || true; return; fi
   case $1 in
     kafka) python3 "$ROOT/scripts/kafka/kafka_ready.py" "$HOST" "$KAFKA_PORT" 2>&1 || true ;;
     mariadb) mariadb --no-defaults --protocol=TCP -h "$HOST" -P "$MARIADB_PORT" -u root \
@@ -119,9 +140,9 @@ wait_ready() {
 # Starts a command detached from this shell (it outlives the script) and records its pid.
 spawn() {
   local svc=$1; shift
-  mkdir -p "$STACK_DIR/$svc"
+  mkdir -p "$(state_dir "$svc")"
   # 9>&-: the service must not inherit (and so hold forever) this script's lock.
-  setsid nohup "$@" >"$STACK_DIR/$svc/stdout.log" 2>&1 </dev/null 9>&- &
+  setsid nohup "$@" >"$(state_dir "$svc")/stdout.log" 2>&1 </dev/null 9>&- &
   echo $! >"$(pid_file "$svc")"
 }
 
@@ -253,44 +274,45 @@ up_one() {
   port=$(port_of "$svc")
   if answers "$svc"; then
     if pid=$(managed_pid "$svc"); then
-      say "$svc: already running on $HOST:$port (managed, pid $pid)"
+      say "$(label "$svc"): already running on $HOST:$port (managed, pid $pid)"
     else
-      say "$svc: already answering on $HOST:$port, reusing it (not managed by this script)"
+      say "$(label "$svc"): already answering on $HOST:$port, reusing it (not managed by this script)"
     fi
     return 0
   fi
   if pid=$(managed_pid "$svc"); then
-    say "$svc: managed process $pid is not answering yet, waiting"
+    say "$(label "$svc"): managed process $pid is not answering yet, waiting"
   else
     if [ -f "$(pid_file "$svc")" ]; then
-      say "$svc: managed process died, starting it again"
+      say "$(label "$svc"): managed process died, starting it again"
       rm -f "$(pid_file "$svc")"
     fi
-    "start_$svc"
+    if $SECURE; then "start_secure_$svc"; else "start_$svc"; fi
     pid=$(managed_pid "$svc") || { show_log_tail "$svc"; die "$svc: exited at once"; }
   fi
   wait_ready "$svc" "$pid"
-  say "$svc: ready on $HOST:$port (managed, pid $pid)"
+  if $SECURE && [ "$svc" = mariadb ]; then secure_mariadb_users; fi
+  say "$(label "$svc"): ready on $HOST:$port (managed, pid $pid)"
 }
 
 down_one() {
   local svc=$1 pid
   if ! pid=$(managed_pid "$svc"); then
     rm -f "$(pid_file "$svc")"
-    say "$svc: not started by this script, left alone"
+    say "$(label "$svc"): not started by this script, left alone"
     return 0
   fi
   kill -TERM "$pid" 2>/dev/null || true
   local deadline=$((SECONDS + 30))
   while managed_pid "$svc" >/dev/null; do
     if [ "$SECONDS" -ge "$deadline" ]; then
-      say "$svc: pid $pid ignored SIGTERM for 30s, killing it"
+      say "$(label "$svc"): pid $pid ignored SIGTERM for 30s, killing it"
       kill -KILL "$pid" 2>/dev/null || true
     fi
     sleep 0.2
   done
   rm -f "$(pid_file "$svc")"
-  say "$svc: stopped"
+  say "$(label "$svc"): stopped"
 }
 
 status_one() {
@@ -298,14 +320,17 @@ status_one() {
   port=$(port_of "$svc")
   if answers "$svc"; then state=answering; else state="not answering"; fi
   if pid=$(managed_pid "$svc"); then owner="managed, pid $pid"; else owner="not managed"; fi
-  printf '%-8s %s:%-6s %s (%s)\n' "$svc" "$HOST" "$port" "$state" "$owner"
+  printf '%-17s %s:%-10s %s (%s)\n' "$(label "$svc")" "$HOST" "$port" "$state" "$owner"
 }
 
 main() {
   local cmd=${1:-}
   [ -n "$cmd" ] || { usage; exit 2; }
   shift
-  local services=("$@")
+  local services=() arg
+  for arg in "$@"; do
+    if [ "$arg" = --secure ]; then SECURE=true; else services+=("$arg"); fi
+  done
   [ ${#services[@]} -gt 0 ] || services=("${ALL_SERVICES[@]}")
   local svc
   for svc in "${services[@]}"; do
@@ -316,7 +341,7 @@ main() {
   exec 9>"$STACK_DIR/.lock"
   flock 9
   case $cmd in
-    up) ensure_clients; for svc in "${services[@]}"; do up_one "$svc"; done ;;
+    up) ensure_clients; if $SECURE; then ensure_certificates; fi; for svc in "${services[@]}"; do up_one "$svc"; done ;;
     down) for svc in "${services[@]}"; do down_one "$svc"; done ;;
     status) ensure_clients; for svc in "${services[@]}"; do status_one "$svc"; done ;;
     -h|--help|help) usage ;;

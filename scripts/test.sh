@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: installs what is missing, brings the local stack
-# up if needed (scripts/stack.sh), checks formatting, lints (with and without the
+# up if needed (scripts/stack.sh, plain and --secure), checks formatting, lints (with and without the
 # `failpoints` feature), validates docker-compose.yml, then runs every unit and
 # integration test against the real services — built with `failpoints`, so the crash
 # tests can abort the worker at its fault points. Extra arguments go to `cargo test`
@@ -10,6 +10,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 scripts/install-deps.sh
 scripts/stack.sh up
+scripts/stack.sh up --secure
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

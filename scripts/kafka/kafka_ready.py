@@ -3,10 +3,16 @@
 broker, non-zero otherwise (with the cause on stderr). Used by scripts/stack.sh so that
 "ready" means the broker really serves clients, not merely that the port is open.
 
+    kafka_ready.py HOST PORT [--tls CA_FILE CERT_FILE KEY_FILE]
+
+With --tls the request goes over TLS, verifying the broker against CA_FILE and
+presenting the client certificate (for a listener that requires one).
+
 Metadata v4 (non-flexible, still supported by Kafka 4.x): request header v1, body
 topics = null (all), allow_auto_topic_creation = false.
 """
 import socket
+import ssl
 import struct
 import sys
 
@@ -23,13 +29,18 @@ def read_exact(sock, n):
 
 def main():
     host, port = sys.argv[1], int(sys.argv[2])
+    tls = None
+    if len(sys.argv) == 7 and sys.argv[3] == "--tls":
+        tls = ssl.create_default_context(cafile=sys.argv[4])
+        tls.load_cert_chain(sys.argv[5], sys.argv[6])
     client_id = b"stack-ready"
     correlation_id = 4242
     header = struct.pack(">hhih", 3, 4, correlation_id, len(client_id)) + client_id
     body = struct.pack(">i?", -1, False)
     request = header + body
     try:
-        with socket.create_connection((host, port), timeout=3) as sock:
+        with socket.create_connection((host, port), timeout=3) as raw:
+            sock = tls.wrap_socket(raw, server_hostname=host) if tls else raw
             sock.settimeout(3)
             sock.sendall(struct.pack(">i", len(request)) + request)
             (size,) = struct.unpack(">i", read_exact(sock, 4))

@@ -6,6 +6,7 @@ set -euo pipefail
 
 packages=(
   pkg-config libssl-dev           # rdkafka's bundled librdkafka with TLS/SASL
+  openssl                         # certificates of the --secure stack
   mariadb-server mariadb-client   # local MySQL-compatible database
   redis-server redis-tools        # local Redis
   docker-compose                  # validates docker-compose.yml (no engine needed)

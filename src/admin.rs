@@ -75,8 +75,7 @@ pub async fn serve(
         .create()
         .context("creating the Kafka client for readiness checks")?;
     let redis = Arc::new(RedisCheck {
-        client: redis::Client::open(settings.redis.url.expose())
-            .with_context(|| format!("invalid Redis URL {}", settings.redis.url))?,
+        client: crate::redis_client::open(&settings.redis)?,
         connection: tokio::sync::Mutex::new(None),
     });
     let state = AdminState {

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+use crate::preflight::{self, Needs};
 use crate::{config, store, telemetry};
 
 #[derive(Debug, Parser)]
@@ -70,11 +71,31 @@ pub enum Command {
     BenchContender(crate::bench::contender::ContenderArgs),
 }
 
+impl Command {
+    /// The dependencies the command connects to, probed before it starts (a wrong
+    /// password or certificate fails there, naming the dependency).
+    fn needs(&self) -> Needs {
+        let only = |kafka, database, redis| Needs {
+            kafka,
+            database,
+            redis,
+        };
+        match self {
+            Command::Run | Command::Bench(_) | Command::BenchContender(_) => Needs::ALL,
+            Command::Migrate => only(false, true, false),
+            Command::Reconcile(_) => only(false, true, true),
+            Command::Verify(_) => only(true, true, false),
+            Command::Replay(args) => only(true, args.process, args.process),
+        }
+    }
+}
+
 /// Runs the parsed command to completion.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let (settings, source) = config::load(cli.config.as_deref())?;
     telemetry::init(&settings.log)?;
     tracing::debug!(%source, ?settings, "settings loaded");
+    preflight::check(&settings, cli.command.needs()).await?;
     match cli.command {
         Command::Run => crate::worker::run(&settings, crate::worker::shutdown_signal()).await?,
         Command::Bench(args) => crate::bench::run(&settings, cli.config.as_deref(), args).await?,

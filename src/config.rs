@@ -56,7 +56,21 @@ pub struct KafkaSettings {
     /// `sasl.mechanism` (`PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512`).
     pub sasl_mechanism: Option<String>,
     pub sasl_username: Option<String>,
+    /// Secret: from `IM_INGEST__KAFKA__SASL_PASSWORD` or the file `sasl_password_file`.
     pub sasl_password: Option<Secret>,
+    pub sasl_password_file: Option<PathBuf>,
+    /// `ssl.ca.location`: the CA certificates (PEM) the brokers' certificates must chain
+    /// to. Unset: the system's CAs.
+    pub ssl_ca_location: Option<PathBuf>,
+    /// `ssl.certificate.location`: this client's certificate (PEM), for brokers that
+    /// require one (mutual TLS).
+    pub ssl_certificate_location: Option<PathBuf>,
+    /// `ssl.key.location`: the private key (PEM) of `ssl_certificate_location`.
+    pub ssl_key_location: Option<PathBuf>,
+    /// `ssl.key.password`, for an encrypted key. Secret: from the environment or
+    /// `ssl_key_password_file`.
+    pub ssl_key_password: Option<Secret>,
+    pub ssl_key_password_file: Option<PathBuf>,
     /// Partitions of a topic the worker creates because it is missing.
     pub topic_partitions: i32,
     /// Replication factor of a topic the worker creates because it is missing.
@@ -77,6 +91,12 @@ impl Default for KafkaSettings {
             sasl_mechanism: None,
             sasl_username: None,
             sasl_password: None,
+            sasl_password_file: None,
+            ssl_ca_location: None,
+            ssl_certificate_location: None,
+            ssl_key_location: None,
+            ssl_key_password: None,
+            ssl_key_password_file: None,
             topic_partitions: 6,
             topic_replication: 1,
             librdkafka: BTreeMap::new(),
@@ -109,6 +129,12 @@ impl fmt::Debug for KafkaSettings {
             .field("sasl_mechanism", &self.sasl_mechanism)
             .field("sasl_username", &self.sasl_username)
             .field("sasl_password", &self.sasl_password)
+            .field("sasl_password_file", &self.sasl_password_file)
+            .field("ssl_ca_location", &self.ssl_ca_location)
+            .field("ssl_certificate_location", &self.ssl_certificate_location)
+            .field("ssl_key_location", &self.ssl_key_location)
+            .field("ssl_key_password", &self.ssl_key_password)
+            .field("ssl_key_password_file", &self.ssl_key_password_file)
             .field("topic_partitions", &self.topic_partitions)
             .field("topic_replication", &self.topic_replication)
             .field("librdkafka", &librdkafka)
@@ -141,6 +167,19 @@ impl KafkaSettings {
         if let Some(password) = &self.sasl_password {
             config.set("sasl.password", password.expose());
         }
+        let paths = [
+            ("ssl.ca.location", &self.ssl_ca_location),
+            ("ssl.certificate.location", &self.ssl_certificate_location),
+            ("ssl.key.location", &self.ssl_key_location),
+        ];
+        for (property, path) in paths {
+            if let Some(path) = path {
+                config.set(property, path.to_string_lossy());
+            }
+        }
+        if let Some(password) = &self.ssl_key_password {
+            config.set("ssl.key.password", password.expose());
+        }
         for (key, value) in &self.librdkafka {
             config.set(key, value);
         }
@@ -151,8 +190,18 @@ impl KafkaSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseSettings {
-    /// `mysql://user:password@host:port/database`; the database is created if missing.
+    /// `mysql://user@host:port/database`; the database is created if missing (by
+    /// `migrate`, or `run` with `migrate_on_start`).
     pub url: SecretUrl,
+    /// The user's password, instead of one in `url`. Secret: from
+    /// `IM_INGEST__DATABASE__PASSWORD` or the file `password_file`.
+    pub password: Option<Secret>,
+    pub password_file: Option<PathBuf>,
+    /// TLS to the server. Unset: what `url` says (`?ssl-mode=`), else `preferred`.
+    pub tls_mode: Option<DatabaseTlsMode>,
+    /// CA certificates (PEM) the server's certificate must chain to (`verify-ca`,
+    /// `verify-identity`). Unset: the system's CAs.
+    pub tls_ca: Option<PathBuf>,
     /// Apply pending migrations when the worker starts.
     pub migrate_on_start: bool,
     pub max_connections: u32,
@@ -164,6 +213,10 @@ impl Default for DatabaseSettings {
     fn default() -> Self {
         Self {
             url: SecretUrl::new("mysql://root@127.0.0.1:3306/im_ingest"),
+            password: None,
+            password_file: None,
+            tls_mode: None,
+            tls_ca: None,
             migrate_on_start: true,
             max_connections: 16,
             acquire_timeout_ms: 5_000,
@@ -171,11 +224,36 @@ impl Default for DatabaseSettings {
     }
 }
 
+/// How the connection to MySQL is encrypted (MySQL's `--ssl-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatabaseTlsMode {
+    /// Plaintext.
+    Disabled,
+    /// TLS when the server offers it, else plaintext.
+    Preferred,
+    /// TLS, without checking the server's certificate.
+    Required,
+    /// TLS, the certificate signed by `tls_ca`.
+    VerifyCa,
+    /// TLS, the certificate signed by `tls_ca` and naming the URL's host.
+    VerifyIdentity,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisSettings {
-    /// `redis://[:password@]host:port[/db]`.
+    /// `redis://host:port[/db]`, or `rediss://…` for TLS.
     pub url: SecretUrl,
+    /// ACL user (Redis 6+), instead of one in `url`.
+    pub username: Option<String>,
+    /// The password (of `username`, or of `default`), instead of one in `url`. Secret:
+    /// from `IM_INGEST__REDIS__PASSWORD` or the file `password_file`.
+    pub password: Option<Secret>,
+    pub password_file: Option<PathBuf>,
+    /// With `rediss://`: the CA certificates (PEM) the server's certificate must chain
+    /// to. Unset: the system's CAs.
+    pub tls_ca: Option<PathBuf>,
     /// A Redis that does not accept within this time counts as down (degraded mode).
     pub connect_timeout_ms: u64,
     /// A Redis that does not answer within this time counts as hung (degraded mode).
@@ -188,6 +266,10 @@ impl Default for RedisSettings {
     fn default() -> Self {
         Self {
             url: SecretUrl::new("redis://127.0.0.1:6379"),
+            username: None,
+            password: None,
+            password_file: None,
+            tls_ca: None,
             connect_timeout_ms: 1_000,
             response_timeout_ms: 1_000,
             probe_interval_ms: 1_000,
@@ -200,12 +282,19 @@ impl Default for RedisSettings {
 pub struct AdminSettings {
     /// Address of the admin HTTP server (health, readiness, metrics, read API).
     pub listen: SocketAddr,
+    /// When set, `/metrics` and `/v1/*` require `Authorization: Bearer <token>`
+    /// (`/healthz` and `/readyz` stay open). Secret: from `IM_INGEST__ADMIN__TOKEN` or
+    /// the file `token_file`.
+    pub token: Option<Secret>,
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for AdminSettings {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            token: None,
+            token_file: None,
         }
     }
 }
@@ -474,9 +563,89 @@ fn from_figment(figment: Figment) -> anyhow::Result<Settings> {
     // Lossy: environment values are strings; `"5000"` becomes a number (and `"true"` a
     // boolean) only where the key is numeric (boolean), while `"123"` stays a string for
     // a string key such as `kafka.group_id`.
-    let settings: Settings = figment.extract_lossy().map_err(describe_error)?;
+    refuse_secrets_outside_the_environment(&figment)?;
+    let mut settings: Settings = figment.extract_lossy().map_err(describe_error)?;
+    settings.forget_empty_paths();
+    settings.read_secret_files()?;
     settings.validate()?;
     Ok(settings)
+}
+
+/// The secret settings, each with the setting that may name a file holding it instead.
+const SECRET_SETTINGS: [(&str, &str); 5] = [
+    ("kafka.sasl_password", "kafka.sasl_password_file"),
+    ("kafka.ssl_key_password", "kafka.ssl_key_password_file"),
+    ("database.password", "database.password_file"),
+    ("redis.password", "redis.password_file"),
+    ("admin.token", "admin.token_file"),
+];
+
+/// Name of the environment provider's metadata.
+const ENVIRONMENT: &str = "environment";
+
+/// Secrets come from the environment or from files named in the configuration, never
+/// from the configuration file itself, which is copied, committed and baked into images.
+/// So a secret setting, a URL with a password, or a secret-looking librdkafka property
+/// written in the file is an error that says where to put it instead.
+fn refuse_secrets_outside_the_environment(figment: &Figment) -> anyhow::Result<()> {
+    let from_file = |value: &Value| {
+        figment
+            .get_metadata(value.tag())
+            .filter(|meta| meta.name != ENVIRONMENT)
+            .map(|meta| {
+                meta.source
+                    .as_ref()
+                    .map_or_else(|| meta.name.to_string(), |source| source.to_string())
+            })
+    };
+    for (key, file_key) in SECRET_SETTINGS {
+        if let Some(source) = figment.find_value(key).ok().as_ref().and_then(from_file) {
+            anyhow::bail!(
+                "invalid configuration: `{key}` is a secret and may not be written in {source}: \
+                 set {} or name a file holding it in `{file_key}`",
+                env_name(key)
+            );
+        }
+    }
+    for (key, password_key) in [
+        ("database.url", "database.password"),
+        ("redis.url", "redis.password"),
+    ] {
+        let Ok(value) = figment.find_value(key) else {
+            continue;
+        };
+        let has_password = value
+            .as_str()
+            .is_some_and(|url| SecretUrl::new(url).has_password());
+        if let (true, Some(source)) = (has_password, from_file(&value)) {
+            anyhow::bail!(
+                "invalid configuration: `{key}` in {source} carries a password: write the URL \
+                 without it and set {} or `{password_key}_file`",
+                env_name(password_key)
+            );
+        }
+    }
+    if let Ok(Value::Dict(_, properties)) = figment.find_value("kafka.librdkafka") {
+        for (property, value) in &properties {
+            if let (true, Some(source)) = (is_secret_property(property), from_file(value)) {
+                anyhow::bail!(
+                    "invalid configuration: `kafka.librdkafka.\"{property}\"` is a secret and may \
+                     not be written in {source}: set {ENV_PREFIX}KAFKA__LIBRDKAFKA__{} instead",
+                    property.to_ascii_uppercase()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The environment variable of a setting: `kafka.sasl_password` →
+/// `IM_INGEST__KAFKA__SASL_PASSWORD`.
+fn env_name(key: &str) -> String {
+    format!(
+        "{ENV_PREFIX}{}",
+        key.replace('.', "__").to_ascii_uppercase()
+    )
 }
 
 /// Every error (not only the first) on one line, naming the key as users write it
@@ -578,6 +747,67 @@ fn insert_nested(dict: &mut Dict, path: &[String], value: Value) {
 }
 
 impl Settings {
+    /// An empty path (`IM_INGEST__REDIS__TLS_CA=`) means the setting is unset, as an
+    /// empty variable does in most deployment tools.
+    fn forget_empty_paths(&mut self) {
+        let paths = [
+            &mut self.kafka.sasl_password_file,
+            &mut self.kafka.ssl_ca_location,
+            &mut self.kafka.ssl_certificate_location,
+            &mut self.kafka.ssl_key_location,
+            &mut self.kafka.ssl_key_password_file,
+            &mut self.database.password_file,
+            &mut self.database.tls_ca,
+            &mut self.redis.password_file,
+            &mut self.redis.tls_ca,
+            &mut self.admin.token_file,
+        ];
+        for path in paths {
+            if path
+                .as_ref()
+                .is_some_and(|path| path.as_os_str().is_empty())
+            {
+                *path = None;
+            }
+        }
+    }
+
+    /// Reads each secret whose `…_file` setting is set; setting both is an error.
+    fn read_secret_files(&mut self) -> anyhow::Result<()> {
+        let [kafka_sasl, kafka_key, database, redis, admin] = SECRET_SETTINGS;
+        let slots = [
+            (
+                &mut self.kafka.sasl_password,
+                &self.kafka.sasl_password_file,
+                kafka_sasl,
+            ),
+            (
+                &mut self.kafka.ssl_key_password,
+                &self.kafka.ssl_key_password_file,
+                kafka_key,
+            ),
+            (
+                &mut self.database.password,
+                &self.database.password_file,
+                database,
+            ),
+            (&mut self.redis.password, &self.redis.password_file, redis),
+            (&mut self.admin.token, &self.admin.token_file, admin),
+        ];
+        for (secret, file, (key, file_key)) in slots {
+            let Some(path) = file else { continue };
+            anyhow::ensure!(
+                secret.is_none(),
+                "invalid configuration: both `{key}` and `{file_key}` are set: keep one"
+            );
+            *secret = Some(
+                Secret::from_file(path)
+                    .with_context(|| format!("invalid configuration: `{file_key}`"))?,
+            );
+        }
+        Ok(())
+    }
+
     /// The lock hold against the lease, the write stall limit and the retry delays.
     /// Without the lock (`lock.mode = none`) there is no hold to check.
     fn validate_hold(&self) -> anyhow::Result<()> {
@@ -859,7 +1089,7 @@ mod tests {
         let err = load_with("", &[("DATABSE__URL", "mysql://x")]).unwrap_err();
         let text = format!("{err:#}");
         assert!(text.contains("databse"), "{text}");
-        assert!(text.contains("IM_INGEST__DATABSE"), "{text}");
+        assert!(text.contains("DATABSE"), "{text}");
     }
 
     #[test]
@@ -867,10 +1097,7 @@ mod tests {
         let err = load_with("", &[("REDIS__CONNECT_TIMEOUT_MS", "soon")]).unwrap_err();
         let text = format!("{err:#}");
         assert!(text.contains("redis.connect_timeout_ms"), "{text}");
-        assert!(
-            text.contains("IM_INGEST__REDIS__CONNECT_TIMEOUT_MS"),
-            "{text}"
-        );
+        assert!(text.contains("REDIS__CONNECT_TIMEOUT_MS"), "{text}");
     }
 
     #[test]
@@ -976,20 +1203,93 @@ mod tests {
 
     #[test]
     fn debug_output_redacts_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, "tok3n\n").unwrap();
         let s = load_with(
-            "[database]\nurl = \"mysql://app:hunter2@db:3306/im\"\n\
-             [redis]\nurl = \"redis://:sesame@cache:6379\"\n\
-             [kafka]\nsasl_password = \"kafkapass\"\n\
-             [kafka.librdkafka]\n\"ssl.key.password\" = \"keypass\"\n\"fetch.min.bytes\" = \"7\"\n",
-            &[],
+            &format!(
+                "[kafka.librdkafka]\n\"fetch.min.bytes\" = \"7\"\n\
+                 [admin]\ntoken_file = {:?}\n",
+                token_file.display().to_string()
+            ),
+            &[
+                ("DATABASE__URL", "mysql://app:hunter2@db:3306/im"),
+                ("REDIS__URL", "redis://:sesame@cache:6379"),
+                ("REDIS__PASSWORD", "redispass"),
+                ("DATABASE__PASSWORD", "dbpass"),
+                ("KAFKA__SASL_PASSWORD", "kafkapass"),
+                ("KAFKA__LIBRDKAFKA__SSL.KEY.PASSWORD", "keypass"),
+            ],
         )
         .unwrap();
+        assert_eq!(s.admin.token.as_ref().map(Secret::expose), Some("tok3n"));
         let text = format!("{s:?}");
-        for secret in ["hunter2", "sesame", "kafkapass", "keypass"] {
+        for secret in [
+            "hunter2",
+            "sesame",
+            "kafkapass",
+            "keypass",
+            "redispass",
+            "dbpass",
+            "tok3n",
+        ] {
             assert!(!text.contains(secret), "{secret} leaked in {text}");
         }
         assert!(text.contains("app"), "{text}");
         assert!(text.contains("fetch.min.bytes"), "{text}");
         assert_eq!(s.database.url.expose(), "mysql://app:hunter2@db:3306/im");
+    }
+
+    #[test]
+    fn a_secret_written_in_the_configuration_file_is_refused_naming_where_it_belongs() {
+        let cases = [
+            (
+                "[kafka]\nsasl_password = \"pw\"\n",
+                "IM_INGEST__KAFKA__SASL_PASSWORD or name a file holding it in `kafka.sasl_password_file`",
+            ),
+            ("[admin]\ntoken = \"t\"\n", "IM_INGEST__ADMIN__TOKEN"),
+            ("[redis]\npassword = \"pw\"\n", "`redis.password_file`"),
+            (
+                "[database]\nurl = \"mysql://app:pw@db/im\"\n",
+                "`database.url` in",
+            ),
+            (
+                "[kafka.librdkafka]\n\"sasl.password\" = \"pw\"\n",
+                "IM_INGEST__KAFKA__LIBRDKAFKA__SASL.PASSWORD",
+            ),
+        ];
+        for (toml, expected) in cases {
+            let error = format!("{:#}", load_with(toml, &[]).unwrap_err());
+            assert!(error.contains(expected), "{toml}: {error}");
+            assert!(
+                !error.contains("pw@") && !error.contains("\"pw\""),
+                "{error}"
+            );
+        }
+        // The same settings from the environment are fine.
+        let s = load_with("", &[("DATABASE__URL", "mysql://app:pw@db/im")]).unwrap();
+        assert!(s.database.url.has_password());
+    }
+
+    #[test]
+    fn a_secret_and_its_file_together_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "x").unwrap();
+        let toml = format!(
+            "[database]\npassword_file = {:?}\n",
+            file.display().to_string()
+        );
+        let error = format!(
+            "{:#}",
+            load_with(&toml, &[("DATABASE__PASSWORD", "y")]).unwrap_err()
+        );
+        assert!(
+            error.contains("both `database.password` and `database.password_file`"),
+            "{error}"
+        );
+        let missing = "[redis]\npassword_file = \"/nonexistent/pw\"\n";
+        let error = format!("{:#}", load_with(missing, &[]).unwrap_err());
+        assert!(error.contains("`redis.password_file`"), "{error}");
     }
 }

@@ -16,6 +16,8 @@ pub mod lock;
 pub mod message;
 pub mod metrics_catalog;
 pub mod pipeline;
+pub mod preflight;
+pub mod redis_client;
 pub mod replay;
 pub mod retry;
 pub mod secret;

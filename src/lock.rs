@@ -88,8 +88,7 @@ impl LockClient {
         lease: Duration,
         max_hold: Duration,
     ) -> anyhow::Result<Self> {
-        let client = redis::Client::open(settings.url.expose())
-            .with_context(|| format!("invalid Redis URL {}", settings.url))?;
+        let client = crate::redis_client::open(settings)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_millis(settings.connect_timeout_ms)))
             .set_response_timeout(Some(Duration::from_millis(settings.response_timeout_ms)))

@@ -1,30 +1,63 @@
 //! Values that must never reach a log line or `Debug` output.
 //!
-//! Guarantee: `Debug` and `Display` of [`Secret`] print a fixed placeholder, and those of
+//! Guarantee: `Debug` of [`Secret`] prints a fixed placeholder, and `Debug`/`Display` of
 //! [`SecretUrl`] print the URL with its password replaced, so settings can be logged
-//! whole. The real value is reachable only through an explicit `expose()`.
+//! whole. The real value is reachable only through an explicit `expose()`, and its
+//! memory is zeroed when dropped (`secrecy`).
 
 use std::fmt;
+use std::path::Path;
 
+use anyhow::Context;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-/// A secret string, such as a SASL password.
-#[derive(Clone, Deserialize, PartialEq, Eq)]
+/// A secret string, such as a SASL password: a [`SecretString`] (zeroed when dropped),
+/// with a `Debug` that prints a fixed placeholder.
+#[derive(Clone, Deserialize)]
 #[serde(transparent)]
-pub struct Secret(String);
+pub struct Secret(SecretString);
 
 impl Secret {
     pub const REDACTED: &'static str = "[redacted]";
 
     pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
+        Self(SecretString::from(value.into()))
+    }
+
+    /// Reads a secret from a file (Docker and Kubernetes secrets, systemd credentials):
+    /// its whole content, less one trailing line break. An empty file is an error, since
+    /// it is more likely a mistake than an empty password.
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let mut text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the secret file {}", path.display()))?;
+        if text.ends_with('\n') {
+            text.pop();
+            if text.ends_with('\r') {
+                text.pop();
+            }
+        }
+        anyhow::ensure!(
+            !text.is_empty(),
+            "the secret file {} is empty",
+            path.display()
+        );
+        Ok(Self::new(text))
     }
 
     /// The real value: pass it only to the client that needs it.
     pub fn expose(&self) -> &str {
-        &self.0
+        self.0.expose_secret()
     }
 }
+
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        self.expose() == other.expose()
+    }
+}
+
+impl Eq for Secret {}
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -35,20 +68,25 @@ impl fmt::Debug for Secret {
 /// A connection URL that may carry a password (`mysql://user:pass@host/db`).
 #[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
-pub struct SecretUrl(String);
+pub struct SecretUrl(Secret);
 
 impl SecretUrl {
     pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
+        Self(Secret::new(value))
     }
 
     /// The real URL, password included: pass it only to the client that needs it.
     pub fn expose(&self) -> &str {
-        &self.0
+        self.0.expose()
     }
 
     pub fn parsed(&self) -> Result<url::Url, url::ParseError> {
-        url::Url::parse(&self.0)
+        url::Url::parse(self.expose())
+    }
+
+    /// Whether the URL carries a password.
+    pub fn has_password(&self) -> bool {
+        self.parsed().is_ok_and(|url| url.password().is_some())
     }
 
     /// The URL with its password replaced by `***`, safe to log.
@@ -107,6 +145,24 @@ mod tests {
         );
         assert_eq!(url.expose(), "mysql://app:p%40ss@db.internal:3306/im");
         assert_eq!(url.to_string(), "mysql://app:***@db.internal:3306/im");
+    }
+
+    #[test]
+    fn a_secret_file_loses_one_trailing_line_break_and_an_empty_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "s3cret\r\n").unwrap();
+        assert_eq!(Secret::from_file(&file).unwrap().expose(), "s3cret");
+        std::fs::write(&file, " two words \n\n").unwrap();
+        assert_eq!(Secret::from_file(&file).unwrap().expose(), " two words \n");
+        std::fs::write(&file, "\n").unwrap();
+        let error = Secret::from_file(&file).unwrap_err().to_string();
+        assert!(error.contains("is empty"), "{error}");
+        let error = format!(
+            "{:#}",
+            Secret::from_file(&dir.path().join("none")).unwrap_err()
+        );
+        assert!(error.contains("reading the secret file"), "{error}");
     }
 
     #[test]

@@ -11,13 +11,11 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::Serialize;
-use sqlx::mysql::MySqlConnectOptions;
-use sqlx::{ConnectOptions, Connection, MySqlPool};
+use sqlx::{Connection, MySqlPool};
 
 use super::check::{check, Correctness};
 use super::contender::naive;
@@ -229,7 +227,9 @@ impl Bench {
             let mut topics = vec![names.inbound.clone(), names.dlq.clone()];
             topics.extend(self.delay_topics(&names));
             self.probe.delete_topics(&topics).await;
-            drop_database(&names.database).await?;
+            let mut database = self.settings.database.clone();
+            database.url = names.database.clone();
+            drop_database(&database).await?;
             *self.current.lock().expect("not poisoned") = None;
         }
         Ok(())
@@ -389,7 +389,7 @@ impl Bench {
             Tables::None => return Ok(None),
             Tables::Worker => crate::store::migrate(&database).await?,
             Tables::WithoutUniqueKeys => {
-                crate::store::create_database_if_missing(url).await?;
+                crate::store::create_database_if_missing(&database).await?;
                 let pool = crate::store::connect(&database).await?;
                 naive::create_schema(&pool).await?;
                 pool.close().await;
@@ -526,7 +526,7 @@ impl Bench {
 
     /// The server's `innodb_flush_log_at_trx_commit`.
     pub async fn flush_at_commit(&self) -> anyhow::Result<u8> {
-        let mut connection = server_connection(&self.settings.database.url).await?;
+        let mut connection = crate::store::connect_server(&self.settings.database).await?;
         let value: u64 = sqlx::query_scalar("SELECT @@GLOBAL.innodb_flush_log_at_trx_commit")
             .fetch_one(&mut connection)
             .await?;
@@ -535,7 +535,7 @@ impl Bench {
     }
 
     async fn set_flush_at_commit(&self, value: u8) -> anyhow::Result<()> {
-        let mut connection = server_connection(&self.settings.database.url).await?;
+        let mut connection = crate::store::connect_server(&self.settings.database).await?;
         sqlx::query(&format!(
             "SET GLOBAL innodb_flush_log_at_trx_commit = {value}"
         ))
@@ -583,18 +583,14 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-async fn server_connection(url: &SecretUrl) -> anyhow::Result<sqlx::MySqlConnection> {
-    let mut server = url.parsed().context("database.url is not a URL")?;
-    server.set_path("");
-    MySqlConnectOptions::from_str(server.as_str())?
-        .connect()
-        .await
-        .with_context(|| format!("connecting to the database server of {url}"))
-}
-
-async fn drop_database(url: &SecretUrl) -> anyhow::Result<()> {
-    let name = url.parsed()?.path().trim_start_matches('/').to_string();
-    let mut connection = server_connection(url).await?;
+async fn drop_database(settings: &crate::config::DatabaseSettings) -> anyhow::Result<()> {
+    let name = settings
+        .url
+        .parsed()?
+        .path()
+        .trim_start_matches('/')
+        .to_string();
+    let mut connection = crate::store::connect_server(settings).await?;
     sqlx::query(&format!("DROP DATABASE IF EXISTS `{name}`"))
         .execute(&mut connection)
         .await?;

@@ -1,4 +1,4 @@
-//! MySQL storage: connection pool, database creation, schema migrations, and the
+//! MySQL storage: connections (URL, password, TLS), database creation, schema migrations, and the
 //! idempotent message write.
 //!
 //! Guarantee: the schema is the one in `migrations/` (embedded at compile time); applying
@@ -8,6 +8,7 @@
 
 mod batch;
 mod bounded;
+mod connect;
 mod migrate;
 mod profile;
 mod unread;
@@ -16,5 +17,6 @@ mod write;
 pub(crate) use batch::write_unchecked;
 pub use batch::{BatchItem, BatchWritten, ConversationUnread, UnreadRules};
 pub use bounded::{write_batch, BatchConnection, BatchWriteError};
-pub use migrate::{connect, connect_for_writes, create_database_if_missing, migrate, MIGRATOR};
+pub use connect::{connect, connect_for_writes, connect_options, connect_server};
+pub use migrate::{create_database_if_missing, migrate, MIGRATOR};
 pub use write::{is_refusal, is_retryable, write_message, Provenance, WriteOutcome};

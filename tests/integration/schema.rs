@@ -199,7 +199,7 @@ async fn migrating_a_database_of_the_first_schema_gives_each_profile_field_its_o
         url: im_ingest::secret::SecretUrl::new(db.url()),
         ..Default::default()
     };
-    im_ingest::store::create_database_if_missing(&settings.url)
+    im_ingest::store::create_database_if_missing(&settings)
         .await
         .unwrap();
     let first = tempfile::tempdir().unwrap();

@@ -9,15 +9,18 @@
 //! mode (a rollout must not stall on a Redis outage), so the body says whether Redis
 //! answers and whether the worker is degraded. Checks reuse their connections.
 //! `/v1/unread` answers from Redis, or from MySQL when Redis does not answer in time,
-//! within [`UNREAD_TIMEOUT`] or with 503.
+//! within [`UNREAD_TIMEOUT`] or with 503. With `admin.token` set, `/metrics` and `/v1/*`
+//! answer only requests that bear it; `/healthz` and `/readyz` stay open (orchestrator
+//! probes), and no answer carries a secret.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -26,10 +29,12 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use redis::aio::MultiplexedConnection;
 use serde_json::json;
 use sqlx::MySqlPool;
+use subtle::ConstantTimeEq;
 
 use crate::config::Settings;
 use crate::health::Health;
 use crate::pipeline::{Pipeline, RedisHealth};
+use crate::secret::Secret;
 use crate::unread::copy::Agent;
 use crate::unread::view::Cursor;
 use crate::unread::Unread;
@@ -87,11 +92,25 @@ pub async fn serve(
         metrics,
         unread: pipeline.unread(),
     };
+    let mut guarded = Router::new()
+        .route("/metrics", get(render_metrics))
+        .route("/v1/unread", get(unread));
+    match &settings.admin.token {
+        Some(token) => {
+            let token = Arc::new(token.clone());
+            guarded = guarded.route_layer(middleware::from_fn_with_state(token, require_token));
+        }
+        None if !settings.admin.listen.ip().is_loopback() => tracing::warn!(
+            listen = %settings.admin.listen,
+            "the admin server listens beyond loopback without `admin.token`: \
+             /metrics and /v1/unread are open to anyone who reaches it"
+        ),
+        None => {}
+    }
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(render_metrics))
-        .route("/v1/unread", get(unread))
+        .merge(guarded)
         .with_state(state);
     let listener = tokio::net::TcpListener::bind(settings.admin.listen)
         .await
@@ -104,6 +123,27 @@ pub async fn serve(
         }
     });
     Ok((address, task))
+}
+
+/// Lets a request through only with `Authorization: Bearer <admin.token>` (compared in
+/// constant time); else 401 with `WWW-Authenticate: Bearer`.
+async fn require_token(State(token): State<Arc<Secret>>, request: Request, next: Next) -> Response {
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    match given {
+        Some(given) if bool::from(given.as_bytes().ct_eq(token.expose().as_bytes())) => {
+            next.run(request).await
+        }
+        _ => (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "this endpoint needs Authorization: Bearer <admin.token>\n",
+        )
+            .into_response(),
+    }
 }
 
 async fn healthz(State(state): State<AdminState>) -> Response {

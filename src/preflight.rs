@@ -266,8 +266,9 @@ fn is_closed_at_first_request(message: &str) -> bool {
 
 impl ConsumerContext for ProbeContext {}
 
-/// Authentication and TLS failures, and librdkafka's own diagnosis of plaintext spoken
-/// to a TLS listener.
+/// Authentication and TLS failures (including a broker's TLS alert after the handshake,
+/// as when it requires a client certificate), and librdkafka's own diagnosis of
+/// plaintext spoken to a TLS listener.
 fn is_misconfiguration(error: &KafkaError, reason: &str) -> bool {
     matches!(
         error.rdkafka_error_code(),
@@ -276,6 +277,8 @@ fn is_misconfiguration(error: &KafkaError, reason: &str) -> bool {
         "security.protocol",
         "SSL handshake failed",
         "SASL authentication",
+        // OpenSSL's own errors, such as the alert of a broker that wanted a certificate.
+        "SSL routines",
     ]
     .iter()
     .any(|sign| reason.contains(sign))
@@ -338,6 +341,11 @@ mod tests {
             &transport,
             "Disconnected while requesting ApiVersion: might be caused by incorrect \
              security.protocol configuration (connecting to a SSL listener?)"
+        ));
+        assert!(is_misconfiguration(
+            &transport,
+            "ssl://127.0.0.1:9192/bootstrap: Receive failed: error:0A000412:SSL \
+             routines::sslv3 alert bad certificate: SSL alert number 42"
         ));
         assert!(!is_misconfiguration(
             &transport,

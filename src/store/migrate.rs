@@ -45,12 +45,38 @@ pub async fn create_database_if_missing(settings: &DatabaseSettings) -> anyhow::
 
 /// Creates the database if missing and applies pending migrations.
 pub async fn migrate(settings: &DatabaseSettings) -> anyhow::Result<()> {
-    create_database_if_missing(settings).await?;
-    let pool = super::connect::connect(settings).await?;
-    MIGRATOR
-        .run(&pool)
+    let applied = async {
+        create_database_if_missing(settings).await?;
+        let pool = super::connect::connect(settings).await?;
+        MIGRATOR
+            .run(&pool)
+            .await
+            .context("applying database migrations")?;
+        pool.close().await;
+        Ok(())
+    };
+    applied
         .await
-        .context("applying database migrations")?;
-    pool.close().await;
-    Ok(())
+        .map_err(|error: anyhow::Error| match is_access_denied(&error) {
+            true => error.context(
+                "the database user may not change the schema: run `im-ingest migrate` as a \
+                 user that may (README, \"Security\"), and run the worker with \
+                 `database.migrate_on_start = false`",
+            ),
+            false => error,
+        })
+}
+
+/// Whether the server refused a statement for lack of rights (`ER_DBACCESS_DENIED_ERROR`,
+/// `ER_TABLEACCESS_DENIED_ERROR`).
+fn is_access_denied(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        let server = match cause.downcast_ref::<sqlx::Error>() {
+            Some(sqlx::Error::Database(server)) => server,
+            _ => return false,
+        };
+        server
+            .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+            .is_some_and(|server| matches!(server.number(), 1044 | 1142))
+    })
 }

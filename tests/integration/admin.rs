@@ -13,13 +13,23 @@ use crate::worker::{start, wait_until_all_committed};
 
 /// A plain HTTP/1.1 GET; returns (status, body).
 pub fn get(address: &str, path: &str) -> (u16, String) {
+    get_with_headers(address, path, "")
+}
+
+/// [`get`] with `Authorization: Bearer <token>`.
+pub fn get_with_token(address: &str, path: &str, token: &str) -> (u16, String) {
+    get_with_headers(address, path, &format!("Authorization: Bearer {token}\r\n"))
+}
+
+/// [`get`] with more header lines (each ending in CRLF).
+fn get_with_headers(address: &str, path: &str, headers: &str) -> (u16, String) {
     let mut stream = std::net::TcpStream::connect(address).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{headers}\r\n"
     )
     .unwrap();
     let mut response = String::new();

@@ -29,6 +29,7 @@ mod replay;
 mod retries;
 mod retry_headers;
 mod schema;
+mod secure;
 #[cfg(feature = "failpoints")]
 mod shutdown;
 mod stack_script;

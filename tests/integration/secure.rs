@@ -211,8 +211,9 @@ async fn drop_database(pool: MySqlPool, database: &str) {
     pool.close().await;
 }
 
-/// Stores 5 customers × 4 messages through a worker on `transport`, then reads the
-/// unread total back through the worker's read API (Redis over TLS).
+/// Stores 5 customers × 4 messages through a worker on `transport`, reads the unread
+/// total back through the worker's read API (Redis over TLS), then runs `verify`,
+/// `reconcile` and `replay` with the same settings.
 async fn stores_messages_over(transport: Transport) {
     let env = secure_worker(transport);
     migrate_as_admin(&env);
@@ -246,6 +247,21 @@ async fn stores_messages_over(transport: Transport) {
     assert_eq!(ready["degraded"], false, "{body}");
     let (exit, log) = worker.stop_with_log();
     assert!(exit.is_some_and(|status| status.success()), "{log}");
+    // The other commands reach the same services with the same settings.
+    let vars = env.vars();
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    for command in [
+        vec!["verify"],
+        vec!["reconcile", "--dry-run"],
+        vec!["replay", "--from", env.inbound.as_str(), "--dry-run"],
+    ] {
+        let output = im_ingest(&command, &vars);
+        assert!(
+            output.status.success(),
+            "{command:?} over {transport:?}: {}",
+            stderr_of(&output)
+        );
+    }
     drop_database(pool, &env.database).await;
 }
 

@@ -11,8 +11,8 @@ async fn main() -> std::process::ExitCode {
     match im_ingest::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            // `{:#}` joins the context chain into one line: "creating database: access denied".
-            eprintln!("im-ingest: {error:#}");
+            // The context chain on one line: "creating database: access denied".
+            eprintln!("im-ingest: {}", im_ingest::telemetry::error_line(&error));
             std::process::ExitCode::FAILURE
         }
     }

@@ -106,7 +106,7 @@ const ACCESS_DENIED: u16 = 1045;
 const TOO_MANY_CONNECTIONS: u16 = 1040;
 
 fn classify_database(error: &anyhow::Error) -> Probe {
-    let cause = one_line(error);
+    let cause = crate::telemetry::error_line(error);
     let number = match error.downcast_ref::<sqlx::Error>() {
         Some(sqlx::Error::Database(server)) => server
             .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
@@ -131,21 +131,6 @@ fn classify_database(error: &anyhow::Error) -> Probe {
         }
         _ => Probe::Unreachable(cause),
     }
-}
-
-/// The error and its causes on one line, each cause once (sqlx and OpenSSL errors repeat
-/// their source in their own text).
-fn one_line(error: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in error.chain().map(ToString::to_string) {
-        if !line.contains(&cause) {
-            if !line.is_empty() {
-                line.push_str(": ");
-            }
-            line.push_str(&cause);
-        }
-    }
-    line
 }
 
 // ------------------------------------------------------------------ Redis

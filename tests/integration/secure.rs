@@ -343,6 +343,10 @@ fn foreign_ca(dir: &std::path::Path) -> String {
     ca.display().to_string()
 }
 
+/// A misconfiguration: what it is, the settings that make it, and what the one-line
+/// error must say.
+type Mistake = (&'static str, Vec<(&'static str, String)>, &'static [&'static str]);
+
 #[tokio::test(flavor = "multi_thread")]
 async fn each_authentication_and_tls_mistake_stops_the_worker_at_start_naming_its_cause() {
     let env = secure_worker(Transport::Scram256);
@@ -352,7 +356,7 @@ async fn each_authentication_and_tls_mistake_stops_the_worker_at_start_naming_it
     let wrong = dir.path().join("wrong-password");
     std::fs::write(&wrong, "not-the-password\n").unwrap();
     let wrong = wrong.display().to_string();
-    let cases: Vec<(&str, Vec<(&str, String)>, &[&str])> = vec![
+    let cases: Vec<Mistake> = vec![
         (
             "Kafka SCRAM, wrong password",
             vec![("KAFKA__SASL_PASSWORD_FILE", wrong.clone())],

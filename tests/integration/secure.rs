@@ -345,7 +345,11 @@ fn foreign_ca(dir: &std::path::Path) -> String {
 
 /// A misconfiguration: what it is, the settings that make it, and what the one-line
 /// error must say.
-type Mistake = (&'static str, Vec<(&'static str, String)>, &'static [&'static str]);
+type Mistake = (
+    &'static str,
+    Vec<(&'static str, String)>,
+    &'static [&'static str],
+);
 
 #[tokio::test(flavor = "multi_thread")]
 async fn each_authentication_and_tls_mistake_stops_the_worker_at_start_naming_its_cause() {

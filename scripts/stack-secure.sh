@@ -42,31 +42,43 @@ secret() {
   cat "$file"
 }
 
-# CA, server and client certificates, made once.
+# CA, server and client certificates, made once (again if any file is missing or they
+# no longer verify, e.g. expired).
 ensure_certificates() {
-  [ -s "$TLS_DIR/client.pem" ] && return 0
+  local file complete=true
+  for file in ca.pem ca.key server.pem server.key server-keystore.pem client.pem client.key; do
+    [ -s "$TLS_DIR/$file" ] || complete=false
+  done
+  if $complete && openssl verify -CAfile "$TLS_DIR/ca.pem" "$TLS_DIR/server.pem" \
+      "$TLS_DIR/client.pem" >/dev/null 2>&1 \
+    && openssl x509 -checkend 86400 -noout -in "$TLS_DIR/server.pem" >/dev/null; then
+    return 0
+  fi
   command -v openssl >/dev/null || die "openssl not found: it makes the secure stack's certificates"
+  rm -rf "$TLS_DIR"
   mkdir -p "$TLS_DIR"
+  # Each step checked by hand: `set -e` does not apply inside a `( … ) || …` list.
   (
-    cd "$TLS_DIR"
+    cd "$TLS_DIR" || exit 1
     umask 077
     openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -keyout ca.key -out ca.pem \
       -subj "/CN=im-ingest local CA" \
       -addext "basicConstraints=critical,CA:TRUE" \
-      -addext "keyUsage=critical,keyCertSign,cRLSign"
+      -addext "keyUsage=critical,keyCertSign,cRLSign" || exit 1
     issue() { # name subject alt-names
-      openssl req -newkey rsa:2048 -nodes -keyout "$1.key" -out "$1.csr" -subj "$2"
-      printf 'basicConstraints=CA:FALSE\n%s' "$3" >"$1.ext"
+      openssl req -newkey rsa:2048 -nodes -keyout "$1.key" -out "$1.csr" -subj "$2" || return 1
+      printf 'basicConstraints=CA:FALSE\n%s' "$3" >"$1.ext" || return 1
       openssl x509 -req -in "$1.csr" -CA ca.pem -CAkey ca.key -CAcreateserial \
-        -days 825 -out "$1.pem" -extfile "$1.ext"
+        -days 825 -out "$1.pem" -extfile "$1.ext" || return 1
       rm -f "$1.csr" "$1.ext"
     }
-    issue server "/CN=localhost" "subjectAltName=DNS:localhost,IP:127.0.0.1"
-    issue client "/CN=im-ingest" ""
+    issue server "/CN=localhost" "subjectAltName=DNS:localhost,IP:127.0.0.1" || exit 1
+    issue client "/CN=im-ingest" "" || exit 1
     # Kafka reads its key and certificate from one PEM file.
-    cat server.key server.pem >server-keystore.pem
+    cat server.key server.pem >server-keystore.pem || exit 1
     chmod 0644 ca.pem server.pem client.pem
   ) >"$SECURE_DIR/openssl.log" 2>&1 || { cat "$SECURE_DIR/openssl.log" >&2; die "making certificates failed"; }
+  say "certificates made under $TLS_DIR (secure services already running keep their old ones until restarted)"
 }
 
 secure_port_of() {
@@ -150,7 +162,8 @@ start_secure_mariadb() {
   mkdir -p "$dir"
   if [ ! -d "$dir/data/mysql" ]; then
     mariadb-install-db --no-defaults --datadir="$dir/data" --user="$(run_user)" \
-      --auth-root-authentication-method=normal --skip-test-db >"$dir/install.log" 2>&1 \
+      --auth-root-authentication-method=normal --skip-test-db --skip-auth-anonymous-user \
+      >"$dir/install.log" 2>&1 \
       || { tail -n 30 "$dir/install.log" >&2; die "mariadb (secure): mariadb-install-db failed"; }
   fi
   spawn mariadb mariadbd --no-defaults --datadir="$dir/data" --user="$(run_user)" \
@@ -163,13 +176,16 @@ start_secure_mariadb() {
     --require-secure-transport=ON
 }
 
-# The users, over the local socket (the only way in without TLS). Idempotent.
+# The users, over the local socket (the only way in without TLS). Idempotent, and the
+# passwords follow the secret files.
 secure_mariadb_users() {
   mariadb --no-defaults -S "$SECURE_DIR/mariadb/mariadbd.sock" -u root <<EOF \
     || die "mariadb (secure): creating the users failed"
-CREATE USER IF NOT EXISTS 'im_admin'@'127.0.0.1' IDENTIFIED BY '$(secret mariadb_im_admin)' REQUIRE SSL;
+CREATE USER IF NOT EXISTS 'im_admin'@'127.0.0.1';
+ALTER USER 'im_admin'@'127.0.0.1' IDENTIFIED BY '$(secret mariadb_im_admin)' REQUIRE SSL;
 GRANT ALL PRIVILEGES ON \`im\\_%\`.* TO 'im_admin'@'127.0.0.1';
-CREATE USER IF NOT EXISTS 'im_worker'@'127.0.0.1' IDENTIFIED BY '$(secret mariadb_im_worker)' REQUIRE SSL;
+CREATE USER IF NOT EXISTS 'im_worker'@'127.0.0.1';
+ALTER USER 'im_worker'@'127.0.0.1' IDENTIFIED BY '$(secret mariadb_im_worker)' REQUIRE SSL;
 GRANT SELECT, INSERT, UPDATE, DELETE ON \`im\\_%\`.* TO 'im_worker'@'127.0.0.1';
 EOF
 }

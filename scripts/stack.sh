@@ -274,6 +274,8 @@ up_one() {
   port=$(port_of "$svc")
   if answers "$svc"; then
     if pid=$(managed_pid "$svc"); then
+      # A first `up` stopped after the server answered may have left its users uncreated.
+      if $SECURE && [ "$svc" = mariadb ]; then secure_mariadb_users; fi
       say "$(label "$svc"): already running on $HOST:$port (managed, pid $pid)"
     else
       say "$(label "$svc"): already answering on $HOST:$port, reusing it (not managed by this script)"

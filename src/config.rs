@@ -200,7 +200,8 @@ pub struct DatabaseSettings {
     /// TLS to the server. Unset: what `url` says (`?ssl-mode=`), else `preferred`.
     pub tls_mode: Option<DatabaseTlsMode>,
     /// CA certificates (PEM) the server's certificate must chain to (`verify-ca`,
-    /// `verify-identity`). Unset: the system's CAs.
+    /// `verify-identity` only; the system's CAs stay trusted too, so prefer
+    /// `verify-identity`, which also checks the name). Unset: the system's CAs.
     pub tls_ca: Option<PathBuf>,
     /// Apply pending migrations when the worker starts.
     pub migrate_on_start: bool,
@@ -795,6 +796,14 @@ impl Settings {
             (&mut self.admin.token, &self.admin.token_file, admin),
         ];
         for (secret, file, (key, file_key)) in slots {
+            // An empty secret (an unset variable in a template) would be a password of
+            // nothing, or an admin token any `Bearer ` header matches.
+            anyhow::ensure!(
+                secret
+                    .as_ref()
+                    .is_none_or(|secret| !secret.expose().is_empty()),
+                "invalid configuration: `{key}` is empty (leave it unset, or give a value)"
+            );
             let Some(path) = file else { continue };
             anyhow::ensure!(
                 secret.is_none(),
@@ -952,6 +961,15 @@ impl Settings {
         anyhow::ensure!(
             self.kafka.topic_partitions >= 1 && self.kafka.topic_replication >= 1,
             "invalid configuration: `kafka.topic_partitions` and `kafka.topic_replication` must be at least 1"
+        );
+        anyhow::ensure!(
+            self.database.tls_ca.is_none()
+                || matches!(
+                    self.database.tls_mode,
+                    Some(DatabaseTlsMode::VerifyCa | DatabaseTlsMode::VerifyIdentity)
+                ),
+            "invalid configuration: `database.tls_ca` is set but `database.tls_mode` does not \
+             verify the server: set it to `verify-identity` (or `verify-ca`)"
         );
         anyhow::ensure!(
             self.unread.expire_after_days != Some(0),
@@ -1291,5 +1309,16 @@ mod tests {
         let missing = "[redis]\npassword_file = \"/nonexistent/pw\"\n";
         let error = format!("{:#}", load_with(missing, &[]).unwrap_err());
         assert!(error.contains("`redis.password_file`"), "{error}");
+    }
+
+    #[test]
+    fn an_empty_secret_is_refused_and_a_ca_needs_a_verifying_tls_mode() {
+        let error = format!("{:#}", load_with("", &[("ADMIN__TOKEN", "")]).unwrap_err());
+        assert!(error.contains("`admin.token` is empty"), "{error}");
+        let ca = [("DATABASE__TLS_CA", "/etc/ca.pem")];
+        let error = format!("{:#}", load_with("", &ca).unwrap_err());
+        assert!(error.contains("verify-identity"), "{error}");
+        let verified = [ca[0], ("DATABASE__TLS_MODE", "verify-identity")];
+        assert!(load_with("", &verified).is_ok());
     }
 }

@@ -102,15 +102,25 @@ pub fn counter_sum(metrics: &str, names: &[&str]) -> f64 {
         .sum()
 }
 
-/// GET `http://<address>/metrics` (loopback, bounded), for the worker's counters.
-pub async fn scrape_metrics(address: &str) -> anyhow::Result<String> {
+/// GET `http://<address>/metrics` (loopback, bounded), for the worker's counters, with
+/// the admin token when one is configured; any answer but 200 is an error.
+pub async fn scrape_metrics(
+    address: &str,
+    token: Option<&crate::secret::Secret>,
+) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let authorization = token
+        .map(|token| format!("Authorization: Bearer {}\r\n", token.expose()))
+        .unwrap_or_default();
     let exchange = async {
         let mut stream = tokio::net::TcpStream::connect(address).await?;
         stream
             .write_all(
-                format!("GET /metrics HTTP/1.0\r\nHost: {address}\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
+                format!(
+                    "GET /metrics HTTP/1.0\r\nHost: {address}\r\nConnection: close\r\n\
+                     {authorization}\r\n"
+                )
+                .as_bytes(),
             )
             .await?;
         let mut response = String::new();
@@ -120,11 +130,15 @@ pub async fn scrape_metrics(address: &str) -> anyhow::Result<String> {
     let response = tokio::time::timeout(std::time::Duration::from_secs(5), exchange)
         .await
         .context("scraping worker metrics timed out")??;
-    let body = response
+    let (head, body) = response
         .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
         .context("malformed metrics response")?;
-    Ok(body)
+    let status = head.split_whitespace().nth(1).unwrap_or_default();
+    anyhow::ensure!(
+        status == "200",
+        "the worker's /metrics answered {status} (is `admin.token` set for the bench too?)"
+    );
+    Ok(body.to_string())
 }
 
 #[cfg(test)]

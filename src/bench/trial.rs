@@ -510,7 +510,7 @@ impl Bench {
         let mut total = None;
         for process in processes {
             if let Some(admin) = &process.admin {
-                let metrics = scrape_metrics(admin).await?;
+                let metrics = scrape_metrics(admin, self.settings.admin.token.as_ref()).await?;
                 let writes = counter_sum(
                     &metrics,
                     &[

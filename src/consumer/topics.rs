@@ -5,11 +5,13 @@
 //! record the inbound topic takes, plus headers (existing topics are left exactly as
 //! they are; one with a smaller limit is reported at start-up).
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::Settings;
@@ -38,11 +40,25 @@ pub async fn ensure_topics(settings: &Settings) -> anyhow::Result<TopicLimits> {
         .create()
         .context("creating the Kafka admin client")?;
     let names = worker_topics(settings);
+    let existing = existing_topics(settings).await?;
     let (inbound, others) = names.split_first().expect("the inbound topic is first");
-    create_missing(&admin, settings, std::slice::from_ref(inbound), None).await?;
+    let missing = |topics: &[String]| -> Vec<String> {
+        topics
+            .iter()
+            .filter(|topic| !existing.contains(topic.as_str()))
+            .cloned()
+            .collect()
+    };
+    create_missing(
+        &admin,
+        settings,
+        &missing(std::slice::from_ref(inbound)),
+        None,
+    )
+    .await?;
     let inbound_record_bytes = record_limit(&admin, inbound).await?;
     let needed = inbound_record_bytes + HEADER_ALLOWANCE;
-    let created = create_missing(&admin, settings, others, Some(needed)).await?;
+    let created = create_missing(&admin, settings, &missing(others), Some(needed)).await?;
     let mut smallest_outbound_record_bytes = needed;
     for topic in others.iter().filter(|topic| !created.contains(topic)) {
         let limit = record_limit(&admin, topic).await?;
@@ -60,14 +76,43 @@ pub async fn ensure_topics(settings: &Settings) -> anyhow::Result<TopicLimits> {
     })
 }
 
-/// Creates those of `names` that do not exist, with `record_bytes` as their limit when
-/// given (else the broker's default); returns the names it created.
+/// The topics the broker lists, so that only missing ones are created: asking to create
+/// an existing topic needs the Create right, which a least-privilege account lacks.
+async fn existing_topics(settings: &Settings) -> anyhow::Result<HashSet<String>> {
+    let client: BaseConsumer = settings
+        .kafka
+        .client_config()
+        .create()
+        .context("creating the Kafka client that lists the topics")?;
+    let brokers = settings.kafka.brokers.clone();
+    tokio::task::spawn_blocking(move || {
+        let metadata = client
+            .fetch_metadata(None, METADATA_TIMEOUT)
+            .with_context(|| format!("listing the topics at {brokers}"))?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .map(|topic| topic.name().to_string())
+            .collect())
+    })
+    .await?
+}
+
+/// How long listing the topics may take (the broker may still be starting).
+const METADATA_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Creates `names` (which were missing; one created meanwhile by another worker is
+/// fine), with `record_bytes` as their limit when given (else the broker's default);
+/// returns the names it created.
 async fn create_missing(
     admin: &AdminClient<DefaultClientContext>,
     settings: &Settings,
     names: &[String],
     record_bytes: Option<usize>,
 ) -> anyhow::Result<Vec<String>> {
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
     let kafka = &settings.kafka;
     let record_bytes = record_bytes.map(|bytes| bytes.to_string());
     let new_topics: Vec<NewTopic<'_>> = names

@@ -53,7 +53,7 @@ pub async fn connect_server(settings: &DatabaseSettings) -> anyhow::Result<MySql
         .parsed()
         .with_context(|| format!("invalid database URL {}", settings.url))?;
     server.set_path("");
-    apply(settings, MySqlConnectOptions::from_str(server.as_str())?)
+    apply(settings, MySqlConnectOptions::from_str(server.as_str())?)?
         .connect()
         .await
         .with_context(|| format!("connecting to the database server of {}", settings.url))
@@ -69,11 +69,15 @@ fn pool_options(settings: &DatabaseSettings) -> MySqlPoolOptions {
 pub fn connect_options(settings: &DatabaseSettings) -> anyhow::Result<MySqlConnectOptions> {
     let options = MySqlConnectOptions::from_str(settings.url.expose())
         .with_context(|| format!("invalid database URL {}", settings.url))?;
-    Ok(apply(settings, options))
+    apply(settings, options)
 }
 
-/// The settings beside the URL: charset, password, TLS.
-fn apply(settings: &DatabaseSettings, mut options: MySqlConnectOptions) -> MySqlConnectOptions {
+/// The settings beside the URL: charset, password, TLS. The CA file is read here, so a
+/// wrong path is an error of the settings, not a connection failure retried forever.
+fn apply(
+    settings: &DatabaseSettings,
+    mut options: MySqlConnectOptions,
+) -> anyhow::Result<MySqlConnectOptions> {
     options = options.charset("utf8mb4");
     if let Some(password) = &settings.password {
         options = options.password(password.expose());
@@ -82,9 +86,11 @@ fn apply(settings: &DatabaseSettings, mut options: MySqlConnectOptions) -> MySql
         options = options.ssl_mode(ssl_mode(mode));
     }
     if let Some(ca) = &settings.tls_ca {
-        options = options.ssl_ca(ca);
+        let pem = std::fs::read(ca)
+            .with_context(|| format!("reading `database.tls_ca` {}", ca.display()))?;
+        options = options.ssl_ca_from_pem(pem);
     }
-    options
+    Ok(options)
 }
 
 fn ssl_mode(mode: DatabaseTlsMode) -> MySqlSslMode {

@@ -27,6 +27,7 @@ use crate::unread::{reconcile, Unread};
 pub async fn build_pipeline(settings: &Settings, topics: &TopicLimits) -> anyhow::Result<Pipeline> {
     let pool =
         store::connect_for_writes(&settings.database, settings.lock.row_lock_wait_secs()).await?;
+    store::require_natural_keys(&pool).await?;
     let locks = LockClient::new(
         &settings.redis,
         settings.lock.lease(),

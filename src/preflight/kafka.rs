@@ -155,24 +155,26 @@ enum Sign {
     None,
 }
 
-/// Authentication and TLS handshake failures are certain; librdkafka's guess at a
-/// protocol mismatch and OpenSSL errors after the handshake (the alert of a broker that
-/// wanted a client certificate, but also a connection cut mid-stream) are suspect.
+/// Authentication failures, TLS handshake failures and a TLS alert from the broker (as
+/// when it wanted a client certificate) are certain; librdkafka's guess at a protocol
+/// mismatch is suspect (a broker going down mid-request can give it too). Other OpenSSL
+/// errors after the handshake (a connection cut mid-stream) are no sign at all.
 fn sign_of_error(error: &KafkaError, reason: &str) -> Sign {
     let code = error.rdkafka_error_code();
     if matches!(
         code,
         Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL)
-    ) || ["SSL handshake failed", "SASL authentication"]
-        .iter()
-        .any(|sign| reason.contains(sign))
+    ) || [
+        "SSL handshake failed",
+        "SASL authentication",
+        "SSL alert number",
+    ]
+    .iter()
+    .any(|sign| reason.contains(sign))
     {
         return Sign::Certain;
     }
-    match ["security.protocol", "SSL routines"]
-        .iter()
-        .any(|sign| reason.contains(sign))
-    {
+    match reason.contains("security.protocol") {
         true => Sign::Suspect,
         false => Sign::None,
     }
@@ -215,7 +217,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn authentication_and_handshake_failures_are_certain_and_other_tls_signs_suspect() {
+    fn authentication_handshake_failures_and_alerts_are_certain_a_protocol_guess_suspect() {
         let transport = KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure);
         assert_eq!(
             sign_of_error(
@@ -245,7 +247,15 @@ mod tests {
                 "ssl://127.0.0.1:9192/bootstrap: Receive failed: error:0A000412:SSL \
                  routines::sslv3 alert bad certificate: SSL alert number 42"
             ),
-            Sign::Suspect
+            Sign::Certain
+        );
+        assert_eq!(
+            sign_of_error(
+                &transport,
+                "ssl://127.0.0.1:9192/bootstrap: Receive failed: error:0A000126:SSL \
+                 routines::unexpected eof while reading"
+            ),
+            Sign::None
         );
         assert_eq!(
             sign_of_error(

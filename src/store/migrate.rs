@@ -48,6 +48,9 @@ pub async fn migrate(settings: &DatabaseSettings) -> anyhow::Result<()> {
     let applied = async {
         create_database_if_missing(settings).await?;
         let pool = super::connect::connect(settings).await?;
+        // Tables of ours made without the keys: `CREATE TABLE IF NOT EXISTS` would
+        // leave them so, and record the migration as applied.
+        super::keys::require_natural_keys(&pool).await?;
         MIGRATOR
             .run(&pool)
             .await

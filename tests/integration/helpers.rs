@@ -131,8 +131,6 @@ impl WorkerProcess {
     }
 
     /// Waits (bounded) for the process to exit by itself.
-    // Used by the crash tests, which exist only with the `failpoints` feature.
-    #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
     pub fn wait_for_exit(&mut self, limit: std::time::Duration) -> std::process::ExitStatus {
         let deadline = std::time::Instant::now() + limit;
         loop {

@@ -4,6 +4,7 @@
 //! suite runs in parallel.
 
 mod admin;
+mod adopt;
 mod cli_config;
 // Needs the binary built with the fail points: `cargo test --features failpoints`.
 #[cfg(feature = "failpoints")]

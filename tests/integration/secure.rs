@@ -399,7 +399,10 @@ async fn each_authentication_and_tls_mistake_stops_the_worker_at_start_naming_it
         ),
         (
             "database, plaintext to a server that requires TLS",
-            vec![("DATABASE__TLS_MODE", "disabled".into())],
+            vec![
+                ("DATABASE__TLS_MODE", "disabled".into()),
+                ("DATABASE__TLS_CA", String::new()),
+            ],
             &["database:", "database.tls_mode"],
         ),
         (

@@ -1,0 +1,275 @@
+//! The natural unique keys the exactly-once guarantee rests on, and whether a database
+//! has them.
+//!
+//! Guarantee: [`require_natural_keys`] fails, naming `im-ingest adopt`, when one of our
+//! tables exists without the unique index of its natural key, or with a key column that
+//! does not compare as `utf8mb4_bin` (so `Abc` and `abc` would be one id). A database
+//! with none of the tables yet (before the first migration) passes. Without this check,
+//! the migration's `CREATE TABLE IF NOT EXISTS` would leave a team's existing tables as
+//! they are and the worker would write without its guarantee.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::Context;
+use sqlx::MySqlPool;
+
+/// A table's natural key: the unique index the worker's writes rely on.
+#[derive(Debug)]
+pub struct NaturalKey {
+    pub table: &'static str,
+    /// The index name the migrations give it.
+    pub index: &'static str,
+    /// Its columns, in order.
+    pub columns: &'static [&'static str],
+    /// Those that hold external ids, which must compare byte for byte.
+    pub binary_columns: &'static [&'static str],
+}
+
+/// The natural keys of `customer`, `session` and `message` (DESIGN.md, "Tables").
+pub const NATURAL_KEYS: [NaturalKey; 3] = [
+    NaturalKey {
+        table: "customer",
+        index: "uk_customer_natural",
+        columns: &["tenant_id", "platform", "external_user_id"],
+        binary_columns: &["tenant_id", "platform", "external_user_id"],
+    },
+    NaturalKey {
+        table: "session",
+        index: "uk_session_natural",
+        columns: &["tenant_id", "platform", "customer_id", "agent_id"],
+        binary_columns: &["tenant_id", "platform", "agent_id"],
+    },
+    NaturalKey {
+        table: "message",
+        index: "uk_message_natural",
+        columns: &["tenant_id", "platform", "external_message_id"],
+        binary_columns: &["tenant_id", "platform", "external_message_id"],
+    },
+];
+
+/// The collation every id column must have.
+pub const BINARY_COLLATION: &str = "utf8mb4_bin";
+
+/// What keeps a table from carrying the guarantee.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyProblem {
+    /// No unique index on exactly the natural key's columns.
+    MissingKey { table: &'static str },
+    /// A key column that compares case- or accent-insensitively.
+    NotBinary {
+        table: &'static str,
+        column: &'static str,
+        collation: String,
+    },
+}
+
+impl std::fmt::Display for KeyProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyProblem::MissingKey { table } => {
+                let key = NATURAL_KEYS.iter().find(|key| key.table == *table);
+                let columns = key.map(|key| key.columns.join(", ")).unwrap_or_default();
+                write!(f, "`{table}` has no unique key on ({columns})")
+            }
+            KeyProblem::NotBinary {
+                table,
+                column,
+                collation,
+            } => write!(
+                f,
+                "`{table}`.`{column}` is {collation}, not {BINARY_COLLATION}"
+            ),
+        }
+    }
+}
+
+/// What the database says about our tables.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    /// Our tables that exist.
+    pub tables: BTreeSet<String>,
+    /// Unique indexes: (table, index) → columns in order.
+    pub unique_indexes: BTreeMap<(String, String), Vec<String>>,
+    /// (table, column) → collation (string columns only).
+    pub collations: BTreeMap<(String, String), String>,
+}
+
+impl Catalog {
+    /// Reads the catalog of the pool's database.
+    pub async fn read(pool: &MySqlPool) -> anyhow::Result<Self> {
+        let names: Vec<&str> = NATURAL_KEYS.iter().map(|key| key.table).collect();
+        let in_list = names
+            .iter()
+            .map(|name| format!("'{name}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let tables: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT CAST(TABLE_NAME AS CHAR) FROM information_schema.TABLES \
+             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME IN ({in_list})"
+        ))
+        .fetch_all(pool)
+        .await
+        .context("reading the tables of the database")?;
+        let index_rows: Vec<(String, String, String)> = sqlx::query_as(&format!(
+            "SELECT CAST(TABLE_NAME AS CHAR), CAST(INDEX_NAME AS CHAR), CAST(COLUMN_NAME AS CHAR) \
+             FROM information_schema.STATISTICS \
+             WHERE TABLE_SCHEMA = DATABASE() AND NON_UNIQUE = 0 AND TABLE_NAME IN ({in_list}) \
+             ORDER BY TABLE_NAME, INDEX_NAME, SEQ_IN_INDEX"
+        ))
+        .fetch_all(pool)
+        .await
+        .context("reading the unique indexes of the database")?;
+        let collation_rows: Vec<(String, String, String)> = sqlx::query_as(&format!(
+            "SELECT CAST(TABLE_NAME AS CHAR), CAST(COLUMN_NAME AS CHAR), \
+             CAST(COLLATION_NAME AS CHAR) FROM information_schema.COLUMNS \
+             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME IN ({in_list}) \
+             AND COLLATION_NAME IS NOT NULL"
+        ))
+        .fetch_all(pool)
+        .await
+        .context("reading the column collations of the database")?;
+        let mut unique_indexes: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+        for (table, index, column) in index_rows {
+            unique_indexes
+                .entry((table, index))
+                .or_default()
+                .push(column);
+        }
+        Ok(Self {
+            tables: tables.into_iter().collect(),
+            unique_indexes,
+            collations: collation_rows
+                .into_iter()
+                .map(|(table, column, collation)| ((table, column), collation))
+                .collect(),
+        })
+    }
+
+    /// Every problem of every table that exists, in table order.
+    pub fn problems(&self) -> Vec<KeyProblem> {
+        let mut problems = Vec::new();
+        for key in &NATURAL_KEYS {
+            if !self.tables.contains(key.table) {
+                continue;
+            }
+            let has_key = self.unique_indexes.iter().any(|((table, _), columns)| {
+                table == key.table
+                    && columns
+                        .iter()
+                        .map(String::as_str)
+                        .eq(key.columns.iter().copied())
+            });
+            if !has_key {
+                problems.push(KeyProblem::MissingKey { table: key.table });
+            }
+            for column in key.binary_columns {
+                let collation = self
+                    .collations
+                    .get(&(key.table.to_string(), column.to_string()));
+                if let Some(collation) = collation.filter(|c| c.as_str() != BINARY_COLLATION) {
+                    problems.push(KeyProblem::NotBinary {
+                        table: key.table,
+                        column,
+                        collation: collation.clone(),
+                    });
+                }
+            }
+        }
+        problems
+    }
+}
+
+/// Fails, naming `im-ingest adopt`, unless every existing table of ours has its natural
+/// key as a unique index over binary-collated id columns.
+pub async fn require_natural_keys(pool: &MySqlPool) -> anyhow::Result<()> {
+    let problems = Catalog::read(pool).await?.problems();
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let listed: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    anyhow::bail!(
+        "the tables lack the unique keys that keep rows single ({}): they may hold \
+         duplicates; run `im-ingest adopt --dry-run` to see them and `im-ingest adopt \
+         --apply` to merge them and add the keys",
+        listed.join("; ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn catalog_of_our_schema() -> Catalog {
+        let mut catalog = Catalog::default();
+        for key in &NATURAL_KEYS {
+            catalog.tables.insert(key.table.to_string());
+            catalog.unique_indexes.insert(
+                (key.table.to_string(), "PRIMARY".to_string()),
+                vec!["id".to_string()],
+            );
+            catalog.unique_indexes.insert(
+                (key.table.to_string(), key.index.to_string()),
+                key.columns.iter().map(|c| c.to_string()).collect(),
+            );
+            for column in key.binary_columns {
+                catalog.collations.insert(
+                    (key.table.to_string(), column.to_string()),
+                    BINARY_COLLATION.to_string(),
+                );
+            }
+        }
+        catalog
+    }
+
+    #[test]
+    fn our_schema_and_an_empty_database_have_no_problem() {
+        assert_eq!(catalog_of_our_schema().problems(), vec![]);
+        assert_eq!(Catalog::default().problems(), vec![]);
+    }
+
+    #[test]
+    fn a_missing_key_a_key_on_other_columns_and_a_case_insensitive_id_are_each_named() {
+        let mut catalog = catalog_of_our_schema();
+        catalog
+            .unique_indexes
+            .remove(&("customer".to_string(), "uk_customer_natural".to_string()));
+        catalog.unique_indexes.insert(
+            ("message".to_string(), "uk_message_natural".to_string()),
+            vec!["tenant_id".to_string(), "external_message_id".to_string()],
+        );
+        catalog.collations.insert(
+            ("session".to_string(), "agent_id".to_string()),
+            "utf8mb4_unicode_ci".to_string(),
+        );
+        let problems = catalog.problems();
+        assert_eq!(
+            problems,
+            vec![
+                KeyProblem::MissingKey { table: "customer" },
+                KeyProblem::NotBinary {
+                    table: "session",
+                    column: "agent_id",
+                    collation: "utf8mb4_unicode_ci".to_string()
+                },
+                KeyProblem::MissingKey { table: "message" },
+            ]
+        );
+        assert_eq!(
+            problems[0].to_string(),
+            "`customer` has no unique key on (tenant_id, platform, external_user_id)"
+        );
+    }
+
+    #[test]
+    fn a_unique_key_under_another_name_counts() {
+        let mut catalog = catalog_of_our_schema();
+        let columns = catalog
+            .unique_indexes
+            .remove(&("session".to_string(), "uk_session_natural".to_string()))
+            .unwrap();
+        catalog
+            .unique_indexes
+            .insert(("session".to_string(), "their_name".to_string()), columns);
+        assert_eq!(catalog.problems(), vec![]);
+    }
+}

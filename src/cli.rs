@@ -65,6 +65,14 @@ pub enum Command {
     /// Uses the configured Kafka, database server and Redis; creates and removes its
     /// own topics and databases (`im_bench…`).
     Bench(crate::bench::BenchArgs),
+    /// Take over a database whose tables are shaped like the worker's but lack the
+    /// unique keys (and so may hold duplicates): convert the id columns to utf8mb4_bin,
+    /// merge each natural key's rows into the lowest id (profile newest-wins, greatest
+    /// times; references repointed; loser → survivor kept in `adopt_merged`), recount
+    /// unread counts, add the unique keys online, and hand over to `run`. Small batches
+    /// with a pause; safe while a writer still inserts; a killed run goes on when run
+    /// again. `--dry-run` reports and changes nothing.
+    Adopt(crate::adopt::AdoptArgs),
     /// Run one reference consumer of `bench` as its own process (started by `bench`;
     /// useful on its own to profile one). Consumes `kafka.inbound_topic` in
     /// `kafka.group_id` until SIGINT/SIGTERM.
@@ -83,6 +91,7 @@ impl Command {
         match self {
             Command::Run | Command::Bench(_) | Command::BenchContender(_) => Needs::ALL,
             Command::Migrate => only(false, true, false),
+            Command::Adopt(args) => only(false, true, args.apply),
             Command::Reconcile(_) => only(false, true, true),
             Command::Verify(_) => only(true, true, false),
             Command::Replay(args) => only(true, args.process, args.process),
@@ -105,6 +114,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reconcile(args) => crate::unread::command::run(&settings, &args).await?,
         Command::Verify(args) => crate::verify::run(&settings, &args).await?,
         Command::Replay(args) => crate::replay::run(&settings, &args).await?,
+        Command::Adopt(args) => crate::adopt::run(&settings, &args).await?,
         Command::Migrate => {
             store::migrate(&settings.database).await?;
             tracing::info!(database = %settings.database.url, "migrations applied");

@@ -5,6 +5,7 @@
 //! [`cli::run`]. See docs/DESIGN.md for the architecture and the public contract.
 
 pub mod admin;
+pub mod adopt;
 pub mod bench;
 pub mod cli;
 pub mod config;

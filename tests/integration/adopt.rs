@@ -80,3 +80,233 @@ async fn a_case_insensitive_id_column_is_refused_like_a_missing_key() {
     );
     db.drop_now().await;
 }
+
+/// A pool on `db`.
+async fn pool_of(db: &TestDatabase) -> sqlx::MySqlPool {
+    let settings = im_ingest::config::DatabaseSettings {
+        url: im_ingest::secret::SecretUrl::new(db.url()),
+        ..Default::default()
+    };
+    im_ingest::store::connect(&settings).await.unwrap()
+}
+
+/// `customers` users, each stored three times with a session each (nicknames `nick0`
+/// … `nick2`, newest last), their 4 messages spread over the copies, and the first
+/// message stored twice.
+async fn seed_duplicates(pool: &sqlx::MySqlPool, customers: usize) {
+    for c in 0..customers {
+        let user = format!("u{c}");
+        let mut copies = Vec::new();
+        for copy in 0..3i64 {
+            let customer = sqlx::query(
+                "INSERT INTO customer (tenant_id, platform, external_user_id, nickname, \
+                 nickname_at, nickname_message_id) VALUES ('t', '2', ?, ?, ?, ?)",
+            )
+            .bind(&user)
+            .bind(format!("nick{copy}"))
+            .bind(copy)
+            .bind(format!("m{copy}"))
+            .execute(pool)
+            .await
+            .unwrap()
+            .last_insert_id() as i64;
+            let session = sqlx::query(
+                "INSERT INTO session (tenant_id, platform, customer_id, agent_id, last_message_at) \
+                 VALUES ('t', '2', ?, 'agent-7', 0)",
+            )
+            .bind(customer)
+            .execute(pool)
+            .await
+            .unwrap()
+            .last_insert_id() as i64;
+            copies.push((customer, session));
+        }
+        for m in 0..5usize {
+            let (customer, session) = copies[(m % 4) % 3];
+            let id = format!("{user}-{}", m % 4);
+            sqlx::query(
+                "INSERT INTO message (tenant_id, platform, external_message_id, session_id, \
+                 customer_id, message_type, content, sent_at, source_topic, source_partition, \
+                 source_offset) VALUES ('t', '2', ?, ?, ?, 'TEXT', 'hi', ?, 'seed', 0, ?)",
+            )
+            .bind(&id)
+            .bind(session)
+            .bind(customer)
+            .bind(1_000 + (m % 4) as i64)
+            .bind((c * 10 + m) as i64)
+            .execute(pool)
+            .await
+            .unwrap();
+        }
+    }
+}
+
+/// The tables' contents that adopt decides, in id order.
+async fn end_state(pool: &sqlx::MySqlPool) -> Vec<String> {
+    let mut rows: Vec<String> = Vec::new();
+    let customers: Vec<(i64, String, Option<String>)> = sqlx::query_as(
+        "SELECT id, CAST(external_user_id AS CHAR), nickname FROM customer ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    rows.extend(customers.iter().map(|r| format!("customer {r:?}")));
+    let sessions: Vec<(i64, i64, Option<i64>, u32)> = sqlx::query_as(
+        "SELECT id, customer_id, last_message_at, unread_count FROM session ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    rows.extend(sessions.iter().map(|r| format!("session {r:?}")));
+    let messages: Vec<(i64, String, i64, i64)> = sqlx::query_as(
+        "SELECT id, CAST(external_message_id AS CHAR), session_id, customer_id FROM message \
+         ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    rows.extend(messages.iter().map(|r| format!("message {r:?}")));
+    rows
+}
+
+async fn count(pool: &sqlx::MySqlPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dry_run_reports_the_duplicates_by_table_and_changes_nothing() {
+    let db = database_without_unique_keys().await;
+    let pool = pool_of(&db).await;
+    seed_duplicates(&pool, 20).await;
+    let checksum = "CHECKSUM TABLE customer, session, message EXTENDED";
+    let before: Vec<(String, Option<i64>)> =
+        sqlx::query_as(checksum).fetch_all(&pool).await.unwrap();
+    let output = im_ingest(
+        &["adopt", "--dry-run"],
+        &[("IM_INGEST__DATABASE__URL", &db.url())],
+    );
+    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    for expected in [
+        "customer: 20 keys held by more than one row, 40 rows to remove",
+        "message: 20 keys held by more than one row, 20 rows to remove",
+        "unique keys to add: customer, session, message",
+        "dry run: nothing changed",
+    ] {
+        assert!(report.contains(expected), "{expected:?} not in {report}");
+    }
+    let after: Vec<(String, Option<i64>)> =
+        sqlx::query_as(checksum).fetch_all(&pool).await.unwrap();
+    assert_eq!(before, after);
+    let map_tables = count(
+        &pool,
+        "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() \
+         AND TABLE_NAME = 'adopt_merged'",
+    )
+    .await;
+    assert_eq!(map_tables, 0, "a dry run created the map table");
+    pool.close().await;
+    db.drop_now().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn adopt_killed_mid_apply_and_run_again_ends_as_one_uninterrupted_run() {
+    let (killed, whole) = (
+        database_without_unique_keys().await,
+        database_without_unique_keys().await,
+    );
+    let (killed_pool, whole_pool) = (pool_of(&killed).await, pool_of(&whole).await);
+    for pool in [&killed_pool, &whole_pool] {
+        // An id column that compares case-insensitively, and two users only case tells
+        // apart: adopt converts the column first, so they stay two.
+        sqlx::query(
+            "ALTER TABLE customer MODIFY external_user_id VARCHAR(64) \
+             CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci NOT NULL",
+        )
+        .execute(pool)
+        .await
+        .unwrap();
+        seed_duplicates(pool, 60).await;
+        sqlx::query(
+            "INSERT INTO customer (tenant_id, platform, external_user_id) \
+             VALUES ('t', '2', 'Case'), ('t', '2', 'case')",
+        )
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+    let mut slow = std::process::Command::new(env!("CARGO_BIN_EXE_im-ingest"))
+        .args(["adopt", "--apply", "--batch", "1", "--pause-ms", "40"])
+        .env("IM_INGEST__DATABASE__URL", killed.url())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let merged = sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM adopt_merged")
+            .fetch_one(&killed_pool)
+            .await
+            .unwrap_or(0);
+        if merged >= 20 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "adopt merged nothing");
+        if slow.try_wait().unwrap().is_some() {
+            let mut error = String::new();
+            std::io::Read::read_to_string(&mut slow.stderr.take().unwrap(), &mut error).unwrap();
+            panic!("adopt ended before the kill: {error}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    slow.kill().unwrap();
+    slow.wait().unwrap();
+    let customers_left = count(&killed_pool, "SELECT COUNT(*) FROM customer").await;
+    assert!(
+        customers_left > 62,
+        "the kill came after the customers were merged"
+    );
+    for db in [&killed, &whole] {
+        let output = im_ingest(
+            &["adopt", "--apply"],
+            &[("IM_INGEST__DATABASE__URL", &db.url())],
+        );
+        assert!(output.status.success(), "{}", stderr_of(&output));
+    }
+    let (killed_state, whole_state) = (end_state(&killed_pool).await, end_state(&whole_pool).await);
+    assert_eq!(killed_state, whole_state);
+    // The end state itself: one row per natural key, newest nickname, counts recounted.
+    assert_eq!(
+        count(&whole_pool, "SELECT COUNT(*) FROM customer").await,
+        62
+    );
+    assert_eq!(count(&whole_pool, "SELECT COUNT(*) FROM session").await, 60);
+    assert_eq!(
+        count(&whole_pool, "SELECT COUNT(*) FROM message").await,
+        240
+    );
+    let nicknames = count(
+        &whole_pool,
+        "SELECT COUNT(*) FROM customer WHERE nickname = 'nick2'",
+    )
+    .await;
+    assert_eq!(nicknames, 60);
+    let counted = count(
+        &whole_pool,
+        "SELECT COUNT(*) FROM session WHERE unread_count = 4 AND last_message_at = 1003",
+    )
+    .await;
+    assert_eq!(counted, 60);
+    for db in [&killed, &whole] {
+        let output = im_ingest(&["migrate"], &[("IM_INGEST__DATABASE__URL", &db.url())]);
+        assert!(
+            output.status.success(),
+            "migrate after adopt: {}",
+            stderr_of(&output)
+        );
+    }
+    killed_pool.close().await;
+    whole_pool.close().await;
+    killed.drop_now().await;
+    whole.drop_now().await;
+}

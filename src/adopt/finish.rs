@@ -1,0 +1,236 @@
+//! The steps around the merge: id columns made binary, unread counts and last message
+//! times recounted, Redis copies cleared, unique keys added, migrations recorded.
+//!
+//! Guarantee: each step is idempotent, so a re-run after a kill redoes only what is
+//! missing. Adding a key fails (and says so) when a writer made a new duplicate in the
+//! meantime; the caller merges again and retries.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::MySqlPool;
+
+use crate::store::{Catalog, KeyProblem, BINARY_COLLATION, MIGRATOR, NATURAL_KEYS};
+use crate::unread::copy::Agent;
+
+/// Converts every natural-key id column that is not `utf8mb4_bin`, one `ALTER` per
+/// table (the server copies the table, blocking writes meanwhile). Returns the columns.
+pub async fn convert_columns(pool: &MySqlPool) -> anyhow::Result<Vec<String>> {
+    let mut converted = Vec::new();
+    for key in &NATURAL_KEYS {
+        let mut changes = Vec::new();
+        for problem in Catalog::read(pool).await?.problems() {
+            let KeyProblem::NotBinary { table, column, .. } = problem else {
+                continue;
+            };
+            if table != key.table {
+                continue;
+            }
+            let (column_type, nullable): (String, String) = sqlx::query_as(
+                "SELECT CAST(COLUMN_TYPE AS CHAR), CAST(IS_NULLABLE AS CHAR) \
+                 FROM information_schema.COLUMNS \
+                 WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND COLUMN_NAME = ?",
+            )
+            .bind(table)
+            .bind(column)
+            .fetch_one(pool)
+            .await?;
+            let null = if nullable == "YES" {
+                "NULL"
+            } else {
+                "NOT NULL"
+            };
+            changes.push(format!(
+                "MODIFY {column} {column_type} CHARACTER SET utf8mb4 COLLATE {BINARY_COLLATION} {null}"
+            ));
+            converted.push(format!("{table}.{column}"));
+        }
+        if !changes.is_empty() {
+            sqlx::query(&format!("ALTER TABLE {} {}", key.table, changes.join(", ")))
+                .execute(pool)
+                .await
+                .with_context(|| format!("converting the id columns of `{}`", key.table))?;
+        }
+    }
+    Ok(converted)
+}
+
+/// Whether adding the keys worked, or a writer made a duplicate meanwhile.
+#[derive(Debug)]
+pub enum KeysAdded {
+    All(Vec<String>),
+    NewDuplicates(String),
+}
+
+/// Adds each missing natural unique key, online where the server can (`ALGORITHM =
+/// INPLACE, LOCK = NONE`), replacing a plain index of the same name.
+pub async fn add_keys(pool: &MySqlPool) -> anyhow::Result<KeysAdded> {
+    let mut added = Vec::new();
+    for problem in Catalog::read(pool).await?.problems() {
+        let KeyProblem::MissingKey { table } = problem else {
+            continue;
+        };
+        let key = NATURAL_KEYS
+            .iter()
+            .find(|key| key.table == table)
+            .expect("a problem names one of our tables");
+        let same_name: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM information_schema.STATISTICS \
+             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND INDEX_NAME = ?",
+        )
+        .bind(table)
+        .bind(key.index)
+        .fetch_one(pool)
+        .await?;
+        let drop = match same_name > 0 {
+            true => format!("DROP INDEX {}, ", key.index),
+            false => String::new(),
+        };
+        let alter = format!(
+            "ALTER TABLE {table} {drop}ADD UNIQUE KEY {} ({})",
+            key.index,
+            key.columns.join(", ")
+        );
+        let online = sqlx::query(&format!("{alter}, ALGORITHM = INPLACE, LOCK = NONE"))
+            .execute(pool)
+            .await;
+        let result = match online {
+            // The server cannot do it online (ER_ALTER_OPERATION_NOT_SUPPORTED*).
+            Err(error) if matches!(error_number(&error), Some(1845 | 1846)) => {
+                sqlx::query(&alter).execute(pool).await
+            }
+            other => other,
+        };
+        match result {
+            Ok(_) => added.push(table.to_string()),
+            // ER_DUP_ENTRY, ER_DUP_KEY: a writer made a duplicate after the merge.
+            Err(error) if matches!(error_number(&error), Some(1062 | 1022)) => {
+                return Ok(KeysAdded::NewDuplicates(format!("`{table}`: {error}")));
+            }
+            Err(error) => {
+                return Err(error).with_context(|| format!("adding the unique key of `{table}`"))
+            }
+        }
+    }
+    Ok(KeysAdded::All(added))
+}
+
+fn error_number(error: &sqlx::Error) -> Option<u16> {
+    match error {
+        sqlx::Error::Database(server) => server
+            .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+            .map(|server| server.number()),
+        _ => None,
+    }
+}
+
+/// The smallest `BIGINT`: a watermark that is not set.
+const NO_WATERMARK: &str = "-9223372036854775808";
+
+/// Sets each session's `unread_count` to what its rows say and its `last_message_at` to
+/// at least its newest message (a naive writer kept neither), in id ranges; returns the
+/// sessions changed and the agents they belong to.
+pub async fn recount_sessions(
+    pool: &MySqlPool,
+    range: i64,
+    pause: Duration,
+) -> anyhow::Result<(u64, BTreeSet<Agent>)> {
+    let recount = format!(
+        "(SELECT COUNT(*) FROM message m WHERE m.session_id = s.id AND m.sent_at > \
+         GREATEST(COALESCE(s.read_up_to, {NO_WATERMARK}), COALESCE(s.expired_up_to, {NO_WATERMARK})))"
+    );
+    let newest = "(SELECT MAX(m.sent_at) FROM message m WHERE m.session_id = s.id)";
+    let max_id: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM session")
+        .fetch_one(pool)
+        .await?;
+    let mut changed = 0;
+    let mut agents = BTreeSet::new();
+    let mut start = 0;
+    while start <= max_id {
+        let end = start + range - 1;
+        let off: Vec<(i64, String, String, String)> = sqlx::query_as(&format!(
+            "SELECT s.id, CAST(s.tenant_id AS CHAR), CAST(s.platform AS CHAR), \
+             CAST(s.agent_id AS CHAR) FROM session s \
+             WHERE s.id BETWEEN ? AND ? AND (s.unread_count <> {recount} \
+             OR COALESCE(s.last_message_at, {NO_WATERMARK}) < COALESCE({newest}, {NO_WATERMARK}))"
+        ))
+        .bind(start)
+        .bind(end)
+        .fetch_all(pool)
+        .await
+        .context("finding sessions whose counts are off")?;
+        for (id, tenant_id, platform, agent_id) in off {
+            changed += sqlx::query(&format!(
+                "UPDATE session s SET \
+                 s.last_message_at = COALESCE(GREATEST(s.last_message_at, {newest}), s.last_message_at, {newest}), \
+                 s.unread_count = {recount}, s.unread_version = s.unread_version + 1 \
+                 WHERE s.id = ?"
+            ))
+            .bind(id)
+            .execute(pool)
+            .await
+            .context("recounting a session")?
+            .rows_affected();
+            agents.insert(Agent {
+                tenant_id,
+                platform,
+                agent_id,
+            });
+        }
+        start = end + 1;
+        tokio::time::sleep(pause).await;
+    }
+    Ok((changed, agents))
+}
+
+/// The agents of the sessions merged into others: their Redis copies counted the
+/// losers' conversations apart.
+pub async fn agents_of_merged_sessions(pool: &MySqlPool) -> anyhow::Result<BTreeSet<Agent>> {
+    let rows: Vec<(String, String, String)> = sqlx::query_as(&format!(
+        "SELECT DISTINCT CAST(s.tenant_id AS CHAR), CAST(s.platform AS CHAR), \
+         CAST(s.agent_id AS CHAR) FROM session s \
+         JOIN {} m ON m.table_name = 'session' AND m.survivor_id = s.id",
+        super::merge::MAP_TABLE
+    ))
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(tenant_id, platform, agent_id)| Agent {
+            tenant_id,
+            platform,
+            agent_id,
+        })
+        .collect())
+}
+
+/// Records every migration of this release as applied: the tables already have their
+/// shape (checked first), so `run` and `migrate` go on from here.
+pub async fn record_migrations(pool: &MySqlPool) -> anyhow::Result<()> {
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS _sqlx_migrations (\
+           version BIGINT PRIMARY KEY, \
+           description TEXT NOT NULL, \
+           installed_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, \
+           success BOOLEAN NOT NULL, \
+           checksum BLOB NOT NULL, \
+           execution_time BIGINT NOT NULL)",
+    )
+    .execute(pool)
+    .await
+    .context("creating the migrations table")?;
+    for migration in MIGRATOR.iter() {
+        sqlx::query(
+            "INSERT IGNORE INTO _sqlx_migrations \
+             (version, description, success, checksum, execution_time) VALUES (?, ?, TRUE, ?, 0)",
+        )
+        .bind(migration.version)
+        .bind(migration.description.as_ref())
+        .bind(migration.checksum.as_ref())
+        .execute(pool)
+        .await
+        .context("recording the migrations as applied")?;
+    }
+    Ok(())
+}

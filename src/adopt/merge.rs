@@ -1,0 +1,389 @@
+//! Merging the rows that share a natural key into the one with the lowest id.
+//!
+//! Guarantee: each key's rows are merged in one transaction that first locks them all
+//! (`FOR UPDATE`): the survivor takes the converging fields (each profile field
+//! newest-wins; the greatest `last_message_at`, `read_up_to`, `expired_up_to`), every
+//! row that pointed at a loser points at the survivor, the losers are deleted, and
+//! `adopt_merged` records loser → survivor. So a kill leaves each key merged or not,
+//! never half, and a re-run finishes the rest. A writer inserting meanwhile either
+//! waits for the lock and then sees the survivor, or (with the tables' foreign keys)
+//! fails to reference a deleted loser; without foreign keys, [`repoint_stragglers`]
+//! moves such rows to the survivor through `adopt_merged`.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Serialize;
+use sqlx::mysql::MySqlRow;
+use sqlx::{MySql, MySqlConnection, MySqlPool, QueryBuilder, Row};
+
+use crate::store::NaturalKey;
+
+/// The loser → survivor map, kept after `adopt` for whoever needs to follow an old id.
+pub const MAP_TABLE: &str = "adopt_merged";
+
+/// Creates the map table if missing.
+pub async fn create_map_table(pool: &MySqlPool) -> anyhow::Result<()> {
+    sqlx::query(&format!(
+        "CREATE TABLE IF NOT EXISTS {MAP_TABLE} (\
+           table_name  VARCHAR(16) NOT NULL, \
+           loser_id    BIGINT      NOT NULL, \
+           survivor_id BIGINT      NOT NULL, \
+           merged_at   DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3), \
+           PRIMARY KEY (table_name, loser_id), \
+           KEY ix_{MAP_TABLE}_survivor (table_name, survivor_id)\
+         ) ENGINE = InnoDB"
+    ))
+    .execute(pool)
+    .await
+    .context("creating the loser → survivor map table")?;
+    Ok(())
+}
+
+/// What merging did to one table.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct Merged {
+    /// Natural keys whose rows were merged.
+    pub keys: u64,
+    /// Rows deleted (the losers).
+    pub removed: u64,
+    /// Rows of other tables moved from a loser to its survivor.
+    pub repointed: u64,
+}
+
+impl Merged {
+    pub fn add(&mut self, other: Merged) {
+        self.keys += other.keys;
+        self.removed += other.removed;
+        self.repointed += other.repointed;
+    }
+}
+
+/// How the work is paced.
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    /// Keys merged per batch (one query finds them).
+    pub batch: u32,
+    /// Pause after each batch.
+    pub pause: Duration,
+}
+
+/// One value of a natural key.
+#[derive(Debug, Clone)]
+enum Part {
+    Text(String),
+    Number(i64),
+}
+
+/// One pass over `key.table` in key order: every key held by more than one row, merged.
+/// Rows a writer adds behind the pass are left to the next one.
+pub async fn merge_pass(
+    pool: &MySqlPool,
+    key: &NaturalKey,
+    pace: Pace,
+    progress: &indicatif::ProgressBar,
+) -> anyhow::Result<Merged> {
+    let mut total = Merged::default();
+    let mut after: Option<Vec<Part>> = None;
+    loop {
+        let keys = next_keys(pool, key, after.as_deref(), pace.batch).await?;
+        let Some(last) = keys.last() else {
+            return Ok(total);
+        };
+        after = Some(last.clone());
+        for parts in &keys {
+            total.add(merge_key_with_retries(pool, key, parts).await?);
+        }
+        progress.set_message(format!(
+            "{}: {} keys merged, {} rows removed",
+            key.table, total.keys, total.removed
+        ));
+        tracing::debug!(
+            table = key.table,
+            keys = total.keys,
+            removed = total.removed,
+            "merging"
+        );
+        tokio::time::sleep(pace.pause).await;
+    }
+}
+
+/// The next keys (in key order, after `after`) held by more than one row.
+async fn next_keys(
+    pool: &MySqlPool,
+    key: &NaturalKey,
+    after: Option<&[Part]>,
+    limit: u32,
+) -> anyhow::Result<Vec<Vec<Part>>> {
+    let columns = key.columns.join(", ");
+    // Binary-collated columns come back as bytes unless cast.
+    let selected = key
+        .columns
+        .iter()
+        .map(|column| match key.binary_columns.contains(column) {
+            true => format!("CAST({column} AS CHAR)"),
+            false => column.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut query = QueryBuilder::<MySql>::new(format!("SELECT {selected} FROM {} ", key.table));
+    if let Some(after) = after {
+        query.push(format!("WHERE ({columns}) > ("));
+        push_parts(&mut query, after);
+        query.push(") ");
+    }
+    query.push(format!(
+        "GROUP BY {columns} HAVING COUNT(*) > 1 ORDER BY {columns} LIMIT "
+    ));
+    query.push_bind(limit);
+    let rows = query
+        .build()
+        .fetch_all(pool)
+        .await
+        .with_context(|| format!("finding the duplicates of `{}`", key.table))?;
+    rows.iter().map(|row| parts_of(key, row)).collect()
+}
+
+fn parts_of(key: &NaturalKey, row: &MySqlRow) -> anyhow::Result<Vec<Part>> {
+    key.columns
+        .iter()
+        .enumerate()
+        .map(|(index, column)| {
+            Ok(match key.binary_columns.contains(column) {
+                true => Part::Text(row.try_get(index)?),
+                false => Part::Number(row.try_get(index)?),
+            })
+        })
+        .collect()
+}
+
+fn push_parts(query: &mut QueryBuilder<'_, MySql>, parts: &[Part]) {
+    let mut list = query.separated(", ");
+    for part in parts {
+        match part {
+            Part::Text(text) => list.push_bind(text.clone()),
+            Part::Number(number) => list.push_bind(*number),
+        };
+    }
+}
+
+/// `k1 = ? AND k2 = ? …` for the key's rows.
+fn push_key_condition(query: &mut QueryBuilder<'_, MySql>, key: &NaturalKey, parts: &[Part]) {
+    for (index, (column, part)) in key.columns.iter().zip(parts).enumerate() {
+        if index > 0 {
+            query.push(" AND ");
+        }
+        query.push(format!("{column} = "));
+        match part {
+            Part::Text(text) => query.push_bind(text.clone()),
+            Part::Number(number) => query.push_bind(*number),
+        };
+    }
+}
+
+/// Merges one key, again after a deadlock or lock wait timeout (a writer on the same
+/// rows), a few times.
+async fn merge_key_with_retries(
+    pool: &MySqlPool,
+    key: &NaturalKey,
+    parts: &[Part],
+) -> anyhow::Result<Merged> {
+    let mut attempt = 0;
+    loop {
+        let mut transaction = pool.begin().await?;
+        let result = merge_key(&mut transaction, key, parts).await;
+        let result = match result {
+            Ok(merged) => transaction.commit().await.map(|()| merged),
+            Err(error) => Err(error),
+        };
+        match result {
+            Ok(merged) => return Ok(merged),
+            Err(error) if crate::store::is_retryable(&error) && attempt < 5 => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
+            }
+            Err(error) => {
+                return Err(error).with_context(|| format!("merging a key of `{}`", key.table))
+            }
+        }
+    }
+}
+
+async fn merge_key(
+    connection: &mut MySqlConnection,
+    key: &NaturalKey,
+    parts: &[Part],
+) -> Result<Merged, sqlx::Error> {
+    let columns = match key.table {
+        "customer" => {
+            "id, nickname, nickname_at, CAST(nickname_message_id AS CHAR) AS nickname_message_id, \
+             avatar, avatar_at, CAST(avatar_message_id AS CHAR) AS avatar_message_id"
+        }
+        "session" => "id, last_message_at, read_up_to, expired_up_to",
+        _ => "id",
+    };
+    let mut select =
+        QueryBuilder::<MySql>::new(format!("SELECT {columns} FROM {} WHERE ", key.table));
+    push_key_condition(&mut select, key, parts);
+    select.push(" ORDER BY id FOR UPDATE");
+    let rows = select.build().fetch_all(&mut *connection).await?;
+    if rows.len() < 2 {
+        return Ok(Merged::default());
+    }
+    let survivor: i64 = rows[0].try_get("id")?;
+    let losers: Vec<i64> = rows[1..]
+        .iter()
+        .map(|row| row.try_get("id"))
+        .collect::<Result<_, _>>()?;
+    let mut merged = Merged {
+        keys: 1,
+        removed: 0,
+        repointed: 0,
+    };
+    match key.table {
+        "customer" => {
+            keep_newest_profile(connection, survivor, &rows).await?;
+            merged.repointed +=
+                repoint(connection, "session", "customer_id", survivor, &losers).await?;
+            merged.repointed +=
+                repoint(connection, "message", "customer_id", survivor, &losers).await?;
+        }
+        "session" => {
+            keep_greatest_times(connection, survivor, &rows).await?;
+            merged.repointed +=
+                repoint(connection, "message", "session_id", survivor, &losers).await?;
+        }
+        _ => {}
+    }
+    let mut map = QueryBuilder::<MySql>::new(format!(
+        "INSERT IGNORE INTO {MAP_TABLE} (table_name, loser_id, survivor_id) "
+    ));
+    map.push_values(&losers, |mut row, loser| {
+        row.push_bind(key.table)
+            .push_bind(*loser)
+            .push_bind(survivor);
+    });
+    map.build().execute(&mut *connection).await?;
+    let mut delete = QueryBuilder::<MySql>::new(format!("DELETE FROM {} WHERE id IN (", key.table));
+    push_ids(&mut delete, &losers);
+    merged.removed = delete
+        .build()
+        .execute(&mut *connection)
+        .await?
+        .rows_affected();
+    Ok(merged)
+}
+
+fn push_ids(query: &mut QueryBuilder<'_, MySql>, ids: &[i64]) {
+    let mut list = query.separated(", ");
+    for id in ids {
+        list.push_bind(*id);
+    }
+    query.push(")");
+}
+
+/// Points `table.column` at `survivor` where it points at a loser.
+async fn repoint(
+    connection: &mut MySqlConnection,
+    table: &str,
+    column: &str,
+    survivor: i64,
+    losers: &[i64],
+) -> Result<u64, sqlx::Error> {
+    let mut update = QueryBuilder::<MySql>::new(format!("UPDATE {table} SET {column} = "));
+    update.push_bind(survivor);
+    update.push(format!(" WHERE {column} IN ("));
+    push_ids(&mut update, losers);
+    Ok(update.build().execute(connection).await?.rows_affected())
+}
+
+/// A profile field with its newest-wins marker.
+type Field = (Option<String>, Option<i64>, Option<String>);
+
+/// The newest value of a profile field among the rows (by its time, then message id;
+/// a value without a marker loses to any with one).
+fn newest(rows: &[MySqlRow], value: &str, at: &str, message: &str) -> Result<Field, sqlx::Error> {
+    let mut best: Option<Field> = None;
+    for row in rows {
+        let field: Field = (row.try_get(value)?, row.try_get(at)?, row.try_get(message)?);
+        if field.0.is_none() {
+            continue;
+        }
+        let newer = match &best {
+            None => true,
+            Some(kept) => (field.1, &field.2) > (kept.1, &kept.2),
+        };
+        if newer {
+            best = Some(field);
+        }
+    }
+    Ok(best.unwrap_or((None, None, None)))
+}
+
+async fn keep_newest_profile(
+    connection: &mut MySqlConnection,
+    survivor: i64,
+    rows: &[MySqlRow],
+) -> Result<(), sqlx::Error> {
+    let nickname = newest(rows, "nickname", "nickname_at", "nickname_message_id")?;
+    let avatar = newest(rows, "avatar", "avatar_at", "avatar_message_id")?;
+    sqlx::query(
+        "UPDATE customer SET nickname = ?, nickname_at = ?, nickname_message_id = ?, \
+         avatar = ?, avatar_at = ?, avatar_message_id = ? WHERE id = ?",
+    )
+    .bind(nickname.0)
+    .bind(nickname.1)
+    .bind(nickname.2)
+    .bind(avatar.0)
+    .bind(avatar.1)
+    .bind(avatar.2)
+    .bind(survivor)
+    .execute(connection)
+    .await?;
+    Ok(())
+}
+
+async fn keep_greatest_times(
+    connection: &mut MySqlConnection,
+    survivor: i64,
+    rows: &[MySqlRow],
+) -> Result<(), sqlx::Error> {
+    let greatest = |column: &str| -> Result<Option<i64>, sqlx::Error> {
+        let mut values = Vec::new();
+        for row in rows {
+            values.push(row.try_get::<Option<i64>, _>(column)?);
+        }
+        Ok(values.into_iter().flatten().max())
+    };
+    sqlx::query(
+        "UPDATE session SET last_message_at = ?, read_up_to = ?, expired_up_to = ? WHERE id = ?",
+    )
+    .bind(greatest("last_message_at")?)
+    .bind(greatest("read_up_to")?)
+    .bind(greatest("expired_up_to")?)
+    .bind(survivor)
+    .execute(connection)
+    .await?;
+    Ok(())
+}
+
+/// Rows a writer inserted pointing at a loser after it was merged (possible only without
+/// foreign keys), moved to the survivor through the map. Returns the rows moved.
+pub async fn repoint_stragglers(pool: &MySqlPool) -> anyhow::Result<u64> {
+    let mut moved = 0;
+    for (table, column, merged_table) in [
+        ("session", "customer_id", "customer"),
+        ("message", "customer_id", "customer"),
+        ("message", "session_id", "session"),
+    ] {
+        moved += sqlx::query(&format!(
+            "UPDATE {table} t JOIN {MAP_TABLE} m ON m.table_name = '{merged_table}' \
+             AND m.loser_id = t.{column} SET t.{column} = m.survivor_id"
+        ))
+        .execute(pool)
+        .await
+        .with_context(|| format!("repointing `{table}`.`{column}` from merged rows"))?
+        .rows_affected();
+    }
+    Ok(moved)
+}

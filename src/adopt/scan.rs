@@ -1,0 +1,178 @@
+//! What `adopt` finds before it changes anything: whether the tables are ours in shape,
+//! and how many rows share a natural key.
+//!
+//! Guarantee: read-only. Rows are grouped as the unique keys will compare them
+//! (`utf8mb4_bin`), whatever the columns' collation is today.
+
+use std::collections::BTreeSet;
+
+use anyhow::Context;
+use serde::Serialize;
+use sqlx::MySqlPool;
+
+use crate::store::{Catalog, KeyProblem, NaturalKey, NATURAL_KEYS};
+
+/// Columns the worker reads and writes, per table: tables missing one are not shaped
+/// like ours, and `adopt` leaves them alone.
+const REQUIRED_COLUMNS: [(&str, &[&str]); 4] = [
+    (
+        "customer",
+        &[
+            "id",
+            "tenant_id",
+            "platform",
+            "external_user_id",
+            "nickname",
+            "avatar",
+            "nickname_at",
+            "nickname_message_id",
+            "avatar_at",
+            "avatar_message_id",
+        ],
+    ),
+    (
+        "session",
+        &[
+            "id",
+            "tenant_id",
+            "platform",
+            "customer_id",
+            "agent_id",
+            "last_message_at",
+            "read_up_to",
+            "expired_up_to",
+            "unread_count",
+            "unread_version",
+        ],
+    ),
+    (
+        "message",
+        &[
+            "id",
+            "tenant_id",
+            "platform",
+            "external_message_id",
+            "session_id",
+            "customer_id",
+            "message_type",
+            "content",
+            "sent_at",
+            "source_topic",
+            "source_partition",
+            "source_offset",
+        ],
+    ),
+    (
+        "unread_reconcile",
+        &["tenant_id", "platform", "agent_id", "token"],
+    ),
+];
+
+/// Fails, listing what is missing, unless every table and column the worker uses exists.
+pub async fn require_our_shape(pool: &MySqlPool) -> anyhow::Result<()> {
+    let ours = Catalog::read(pool).await?.tables;
+    anyhow::ensure!(
+        !ours.is_empty(),
+        "the database has none of im-ingest's tables: nothing to adopt (`im-ingest migrate` \
+         creates them)"
+    );
+    let present: BTreeSet<(String, String)> = sqlx::query_as(
+        "SELECT CAST(TABLE_NAME AS CHAR), CAST(COLUMN_NAME AS CHAR) \
+         FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE()",
+    )
+    .fetch_all(pool)
+    .await
+    .context("reading the columns of the database")?
+    .into_iter()
+    .collect();
+    let missing: Vec<String> = REQUIRED_COLUMNS
+        .iter()
+        .flat_map(|(table, columns)| columns.iter().map(move |column| (*table, *column)))
+        .filter(|(table, column)| !present.contains(&(table.to_string(), column.to_string())))
+        .map(|(table, column)| format!("`{table}`.`{column}`"))
+        .collect();
+    anyhow::ensure!(
+        missing.is_empty(),
+        "the database is not shaped like im-ingest's tables (missing: {}): adopt works on \
+         tables named and shaped like the worker's, only without their unique keys",
+        missing.join(", ")
+    );
+    Ok(())
+}
+
+/// Rows sharing a natural key in one table.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct Duplicates {
+    /// Natural keys held by more than one row.
+    pub keys: u64,
+    /// Rows beyond the first of each such key (what merging removes).
+    pub extra_rows: u64,
+}
+
+/// The state `adopt` starts from.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Survey {
+    pub customer: Duplicates,
+    /// Counted as the sessions are now: merging customers can make more sessions share
+    /// a key (two sessions of two copies of one customer).
+    pub session: Duplicates,
+    pub message: Duplicates,
+    /// Key columns to convert to `utf8mb4_bin`.
+    pub columns_to_convert: Vec<String>,
+    /// Tables whose unique key is missing.
+    pub keys_to_add: Vec<String>,
+}
+
+impl Survey {
+    pub async fn read(pool: &MySqlPool) -> anyhow::Result<Self> {
+        let mut survey = Self::default();
+        for problem in Catalog::read(pool).await?.problems() {
+            match problem {
+                KeyProblem::MissingKey { table } => survey.keys_to_add.push(table.to_string()),
+                KeyProblem::NotBinary { table, column, .. } => {
+                    survey.columns_to_convert.push(format!("{table}.{column}"))
+                }
+            }
+        }
+        let [customer, session, message] = &NATURAL_KEYS;
+        survey.customer = duplicates(pool, customer).await?;
+        survey.session = duplicates(pool, session).await?;
+        survey.message = duplicates(pool, message).await?;
+        Ok(survey)
+    }
+
+    /// Whether there is nothing left to do.
+    pub fn is_adopted(&self) -> bool {
+        self.keys_to_add.is_empty()
+            && self.columns_to_convert.is_empty()
+            && self.customer.extra_rows + self.session.extra_rows + self.message.extra_rows == 0
+    }
+}
+
+/// The key's columns as the unique key will compare them.
+pub fn binary_columns(key: &NaturalKey) -> String {
+    key.columns
+        .iter()
+        .map(|column| match key.binary_columns.contains(column) {
+            true => format!("CONVERT({column} USING utf8mb4) COLLATE utf8mb4_bin"),
+            false => column.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+async fn duplicates(pool: &MySqlPool, key: &NaturalKey) -> anyhow::Result<Duplicates> {
+    let (keys, extra_rows): (i64, i64) = sqlx::query_as(&format!(
+        "SELECT COUNT(*), CAST(COALESCE(SUM(n - 1), 0) AS SIGNED) FROM \
+         (SELECT COUNT(*) AS n FROM {table} GROUP BY {columns} HAVING n > 1) AS d",
+        table = key.table,
+        columns = binary_columns(key),
+    ))
+    .fetch_one(pool)
+    .await
+    .with_context(|| format!("counting the duplicates of `{}`", key.table))?;
+    Ok(Duplicates {
+        keys: keys as u64,
+        extra_rows: extra_rows as u64,
+    })
+}

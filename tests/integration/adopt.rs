@@ -1,9 +1,22 @@
 //! Databases filled without the unique keys (issue 16): the worker and `migrate` refuse
-//! them, naming `im-ingest adopt`.
+//! them, naming `im-ingest adopt`; `adopt --dry-run` changes nothing; `adopt --apply`
+//! killed and run again ends as one run would; and beside a naive writer still inserting
+//! it ends with every record stored once, no dangling reference, the keys, and `run`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::helpers::{im_ingest, stderr_of, TestDatabase, WorkerEnv, WorkerProcess};
+use im_ingest::bench::contender::naive;
+use im_ingest::message::{decode, ChatMessage, Inbound};
+use im_ingest::pipeline::Record;
+use rand::seq::SliceRandom;
+
+use crate::helpers::{im_ingest, stderr_of, unique, TestDatabase, WorkerEnv, WorkerProcess};
+use crate::kafka_util::{produce, producer, read_all};
+use crate::unread::message;
+use crate::verify::verify;
+use crate::worker::{create_topics, wait_until_all_committed};
 
 /// A database with the worker's tables minus their unique keys, as a team's naive
 /// writer had them.
@@ -309,4 +322,142 @@ async fn adopt_killed_mid_apply_and_run_again_ends_as_one_uninterrupted_run() {
     whole_pool.close().await;
     killed.drop_now().await;
     whole.drop_now().await;
+}
+
+/// Writes every record with the naive check-then-insert writer, `writers` at once, in
+/// the same order (they race on each record) or each in its own, and again until `stop`
+/// is set (when given); a write that fails (a deadlock, a loser deleted under it, a key
+/// added meanwhile) is tried again, as redelivery would.
+async fn naive_writers(
+    pool: sqlx::MySqlPool,
+    records: Vec<(Record, ChatMessage)>,
+    writers: usize,
+    shuffled: bool,
+    stop: Option<Arc<AtomicBool>>,
+) -> u64 {
+    let mut tasks = Vec::new();
+    for _ in 0..writers {
+        let pool = pool.clone();
+        let mut mine = records.clone();
+        if shuffled {
+            mine.shuffle(&mut rand::rng());
+        }
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut retried = 0;
+            loop {
+                for (record, message) in &mine {
+                    let mut attempt = 0;
+                    while let Err(error) = naive::write_one(&pool, message, record).await {
+                        attempt += 1;
+                        retried += 1;
+                        assert!(attempt < 50, "a naive write kept failing: {error:#}");
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+                if stop.as_ref().is_none_or(|stop| stop.load(Ordering::SeqCst)) {
+                    return retried;
+                }
+            }
+        }));
+    }
+    let mut retried = 0;
+    for task in tasks {
+        retried += task.await.unwrap();
+    }
+    retried
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn adopt_beside_a_naive_writer_still_inserting_ends_verified_with_nothing_lost_or_dangling() {
+    let db = database_without_unique_keys().await;
+    let env = WorkerEnv {
+        database: db.name.clone(),
+        ..WorkerEnv::new(3)
+    };
+    create_topics(&env).await;
+    let producer = producer();
+    let tenant = unique("adopt");
+    for c in 0..40 {
+        for m in 0..12 {
+            let id = format!("{tenant}-{c}-{m}");
+            let value = message(&tenant, &format!("c{c}"), &id, 1_700_000_000_000 + m);
+            produce(&producer, &env.inbound, None, value.as_bytes()).await;
+        }
+    }
+    let records: Vec<(Record, ChatMessage)> = read_all(&env.inbound)
+        .iter()
+        .map(|consumed| {
+            let record = Record::from_message(consumed);
+            let Ok(Inbound::Message(chat)) = decode(record.value.as_deref(), 1 << 20) else {
+                panic!("not a chat message");
+            };
+            (record, chat)
+        })
+        .collect();
+    assert_eq!(records.len(), 480);
+    let pool = pool_of(&db).await;
+    // Seed: eight writers at once over the first half, racing check against insert.
+    let (first, second) = records.split_at(records.len() / 2);
+    naive_writers(pool.clone(), first.to_vec(), 8, false, None).await;
+    let extra = count(
+        &pool,
+        "SELECT (SELECT COUNT(*) FROM customer) - (SELECT COUNT(DISTINCT external_user_id) FROM customer) \
+         + (SELECT COUNT(*) FROM message) - (SELECT COUNT(DISTINCT external_message_id) FROM message)",
+    )
+    .await;
+    assert!(extra >= 100, "only {extra} duplicate rows seeded");
+    // Adopt while four writers go through the second half and the first again: the
+    // users being merged.
+    let again = [second, first].concat();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn(naive_writers(
+        pool.clone(),
+        again,
+        4,
+        true,
+        Some(stop.clone()),
+    ));
+    let url = db.url();
+    let adopt = tokio::task::spawn_blocking(move || {
+        im_ingest(
+            &["adopt", "--apply", "--batch", "5", "--pause-ms", "5"],
+            &[("IM_INGEST__DATABASE__URL", &url)],
+        )
+    });
+    let output = adopt.await.unwrap();
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    assert!(
+        !writer.is_finished(),
+        "the writer stopped before adopt ended"
+    );
+    stop.store(true, Ordering::SeqCst);
+    writer.await.unwrap();
+    // The hand-over: with the writer stopped, adopt once more recounts what it wrote.
+    let output = im_ingest(
+        &["adopt", "--apply"],
+        &[("IM_INGEST__DATABASE__URL", &db.url())],
+    );
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    for dangling in [
+        "SELECT COUNT(*) FROM session s LEFT JOIN customer c ON c.id = s.customer_id WHERE c.id IS NULL",
+        "SELECT COUNT(*) FROM message m LEFT JOIN customer c ON c.id = m.customer_id WHERE c.id IS NULL",
+        "SELECT COUNT(*) FROM message m LEFT JOIN session s ON s.id = m.session_id WHERE s.id IS NULL",
+        "SELECT COUNT(*) FROM message m JOIN session s ON s.id = m.session_id WHERE s.customer_id <> m.customer_id",
+    ] {
+        assert_eq!(count(&pool, dangling).await, 0, "{dangling}");
+    }
+    assert_eq!(count(&pool, "SELECT COUNT(*) FROM message").await, 480);
+    assert_eq!(count(&pool, "SELECT COUNT(*) FROM customer").await, 40);
+    im_ingest::store::require_natural_keys(&pool).await.unwrap();
+    // `run` takes over: it starts, reads every record again and adds nothing.
+    let worker = WorkerProcess::start(&env);
+    wait_until_all_committed(&env, &worker).await;
+    let (exit, log) = worker.stop_with_log();
+    assert!(exit.is_some_and(|status| status.success()), "{log}");
+    assert_eq!(count(&pool, "SELECT COUNT(*) FROM message").await, 480);
+    let (passed, report) = verify(&env);
+    assert!(passed, "{report}");
+    pool.close().await;
+    db.drop_now().await;
 }

@@ -60,7 +60,11 @@ pub async fn convert_columns(pool: &MySqlPool) -> anyhow::Result<Vec<String>> {
 #[derive(Debug)]
 pub enum KeysAdded {
     All(Vec<String>),
-    NewDuplicates(String),
+    /// Those added before a key failed, and why it failed.
+    NewDuplicates {
+        added: Vec<String>,
+        cause: String,
+    },
 }
 
 /// Adds each missing natural unique key, online where the server can (`ALGORITHM =
@@ -106,7 +110,10 @@ pub async fn add_keys(pool: &MySqlPool) -> anyhow::Result<KeysAdded> {
             Ok(_) => added.push(table.to_string()),
             // ER_DUP_ENTRY, ER_DUP_KEY: a writer made a duplicate after the merge.
             Err(error) if matches!(error_number(&error), Some(1062 | 1022)) => {
-                return Ok(KeysAdded::NewDuplicates(format!("`{table}`: {error}")));
+                return Ok(KeysAdded::NewDuplicates {
+                    added,
+                    cause: format!("`{table}`: {error}"),
+                });
             }
             Err(error) => {
                 return Err(error).with_context(|| format!("adding the unique key of `{table}`"))
@@ -205,8 +212,27 @@ pub async fn agents_of_merged_sessions(pool: &MySqlPool) -> anyhow::Result<BTree
         .collect())
 }
 
-/// Records every migration of this release as applied: the tables already have their
-/// shape (checked first), so `run` and `migrate` go on from here.
+/// Creates the worker's own table for unread notes, which a team's database lacks (the
+/// DDL of the migration that introduced it).
+pub async fn create_worker_tables(pool: &MySqlPool) -> anyhow::Result<()> {
+    const DDL: &str = "CREATE TABLE IF NOT EXISTS unread_reconcile";
+    let sql = MIGRATOR
+        .iter()
+        .map(|migration| migration.sql.as_ref())
+        .find(|sql| sql.contains(DDL))
+        .context("the migration that creates unread_reconcile")?;
+    let start = sql.find(DDL).expect("found above");
+    let statement = sql[start..].split(';').next().expect("split yields a part");
+    sqlx::query(statement)
+        .execute(pool)
+        .await
+        .context("creating the table unread_reconcile")?;
+    Ok(())
+}
+
+/// Records every migration of this release as applied (also over a row a failed
+/// `migrate` left unfinished): the tables have their shape (checked first). `run` and
+/// `migrate` go on from here once the keys exist and the adopt marker is gone.
 pub async fn record_migrations(pool: &MySqlPool) -> anyhow::Result<()> {
     sqlx::query(
         "CREATE TABLE IF NOT EXISTS _sqlx_migrations (\
@@ -222,8 +248,9 @@ pub async fn record_migrations(pool: &MySqlPool) -> anyhow::Result<()> {
     .context("creating the migrations table")?;
     for migration in MIGRATOR.iter() {
         sqlx::query(
-            "INSERT IGNORE INTO _sqlx_migrations \
-             (version, description, success, checksum, execution_time) VALUES (?, ?, TRUE, ?, 0)",
+            "INSERT INTO _sqlx_migrations \
+             (version, description, success, checksum, execution_time) VALUES (?, ?, TRUE, ?, 0) \
+             ON DUPLICATE KEY UPDATE success = TRUE, checksum = VALUES(checksum)",
         )
         .bind(migration.version)
         .bind(migration.description.as_ref())

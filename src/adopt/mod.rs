@@ -22,7 +22,7 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::config::Settings;
-use crate::store::NATURAL_KEYS;
+use crate::store::{ADOPT_MARKER, NATURAL_KEYS};
 use crate::unread::copy::Agent;
 use finish::KeysAdded;
 use merge::{Merged, Pace};
@@ -79,18 +79,29 @@ pub async fn run(settings: &Settings, args: &AdoptArgs) -> anyhow::Result<()> {
         true => Some(apply(settings, &pool, args).await?),
         false => None,
     };
+    let after = match args.apply {
+        true => Some(Survey::read(&pool).await?),
+        false => None,
+    };
     pool.close().await;
     let mut out = std::io::stdout().lock();
     if args.json {
-        let report =
-            serde_json::json!({ "dry_run": args.dry_run, "before": before, "applied": applied });
+        let report = serde_json::json!({
+            "dry_run": args.dry_run,
+            "before": before,
+            "applied": applied,
+            "after": after,
+        });
         writeln!(out, "{report}")?;
         return Ok(());
     }
-    write_survey(&mut out, &before)?;
-    match applied {
-        None => writeln!(out, "dry run: nothing changed")?,
-        Some(applied) => write_applied(&mut out, &applied)?,
+    write_survey(&mut out, "before", &before)?;
+    match (applied, after) {
+        (Some(applied), Some(after)) => {
+            write_applied(&mut out, &applied)?;
+            write_survey(&mut out, "after", &after)?;
+        }
+        _ => writeln!(out, "dry run: nothing changed")?,
     }
     Ok(())
 }
@@ -108,6 +119,17 @@ async fn apply(
     let progress = indicatif::ProgressBar::new_spinner();
     progress.enable_steady_tick(Duration::from_millis(200));
     let mut applied = Applied::default();
+    // First the marker (run and migrate refuse while it exists), the worker's own table,
+    // the migrations recorded, the map; last of all the marker goes.
+    sqlx::query(&format!(
+        "CREATE TABLE IF NOT EXISTS {ADOPT_MARKER} (started_at DATETIME(3) NOT NULL \
+         DEFAULT CURRENT_TIMESTAMP(3)) ENGINE = InnoDB"
+    ))
+    .execute(pool)
+    .await
+    .context("creating the adopt marker table")?;
+    finish::create_worker_tables(pool).await?;
+    finish::record_migrations(pool).await?;
     merge::create_map_table(pool).await?;
     progress.set_message("converting id columns");
     applied.columns_converted = finish::convert_columns(pool).await?;
@@ -132,14 +154,15 @@ async fn apply(
                 applied.keys_added.extend(tables);
                 break;
             }
-            KeysAdded::NewDuplicates(cause) if applied.rounds < args.max_rounds => {
+            KeysAdded::NewDuplicates { added, cause } if applied.rounds < args.max_rounds => {
+                applied.keys_added.extend(added);
                 tracing::info!(
                     round = applied.rounds,
                     cause,
                     "a writer made new duplicates; merging again"
                 );
             }
-            KeysAdded::NewDuplicates(cause) => anyhow::bail!(
+            KeysAdded::NewDuplicates { cause, .. } => anyhow::bail!(
                 "a writer kept making duplicates through {} rounds ({cause}): stop it for a \
                  moment and run adopt again (it goes on from here)",
                 applied.rounds
@@ -155,7 +178,10 @@ async fn apply(
     agents.extend(finish::agents_of_merged_sessions(pool).await?);
     clear_copies(settings, pool, &agents).await?;
     applied.agents_cleared = agents.len();
-    finish::record_migrations(pool).await?;
+    sqlx::query(&format!("DROP TABLE IF EXISTS {ADOPT_MARKER}"))
+        .execute(pool)
+        .await
+        .context("dropping the adopt marker table")?;
     crate::store::require_natural_keys(pool)
         .await
         .context("after adopt")?;
@@ -210,8 +236,14 @@ async fn clear_copies(
     Ok(())
 }
 
-fn write_survey(out: &mut impl Write, survey: &Survey) -> std::io::Result<()> {
-    writeln!(out, "before:")?;
+fn write_survey(out: &mut impl Write, title: &str, survey: &Survey) -> std::io::Result<()> {
+    writeln!(out, "{title}:")?;
+    if survey.unfinished {
+        writeln!(
+            out,
+            "  an earlier --apply did not finish: --apply goes on from there"
+        )?;
+    }
     for (table, found) in [
         ("customer", survey.customer),
         ("session", survey.session),

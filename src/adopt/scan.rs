@@ -14,7 +14,7 @@ use crate::store::{Catalog, KeyProblem, NaturalKey, NATURAL_KEYS};
 
 /// Columns the worker reads and writes, per table: tables missing one are not shaped
 /// like ours, and `adopt` leaves them alone.
-const REQUIRED_COLUMNS: [(&str, &[&str]); 4] = [
+const REQUIRED_COLUMNS: [(&str, &[&str]); 3] = [
     (
         "customer",
         &[
@@ -61,10 +61,6 @@ const REQUIRED_COLUMNS: [(&str, &[&str]); 4] = [
             "source_partition",
             "source_offset",
         ],
-    ),
-    (
-        "unread_reconcile",
-        &["tenant_id", "platform", "agent_id", "token"],
     ),
 ];
 
@@ -121,6 +117,8 @@ pub struct Survey {
     pub columns_to_convert: Vec<String>,
     /// Tables whose unique key is missing.
     pub keys_to_add: Vec<String>,
+    /// An earlier `--apply` did not finish (it goes on from where it stopped).
+    pub unfinished: bool,
 }
 
 impl Survey {
@@ -132,6 +130,7 @@ impl Survey {
                 KeyProblem::NotBinary { table, column, .. } => {
                     survey.columns_to_convert.push(format!("{table}.{column}"))
                 }
+                KeyProblem::AdoptInProgress => survey.unfinished = true,
             }
         }
         let [customer, session, message] = &NATURAL_KEYS;
@@ -145,6 +144,7 @@ impl Survey {
     pub fn is_adopted(&self) -> bool {
         self.keys_to_add.is_empty()
             && self.columns_to_convert.is_empty()
+            && !self.unfinished
             && self.customer.extra_rows + self.session.extra_rows + self.message.extra_rows == 0
     }
 }

@@ -55,6 +55,8 @@ pub const BINARY_COLLATION: &str = "utf8mb4_bin";
 pub enum KeyProblem {
     /// No unique index on exactly the natural key's columns.
     MissingKey { table: &'static str },
+    /// `im-ingest adopt --apply` has started and not finished.
+    AdoptInProgress,
     /// A key column that compares case- or accent-insensitively.
     NotBinary {
         table: &'static str,
@@ -79,6 +81,9 @@ impl std::fmt::Display for KeyProblem {
                 f,
                 "`{table}`.`{column}` is {collation}, not {BINARY_COLLATION}"
             ),
+            KeyProblem::AdoptInProgress => {
+                write!(f, "an `im-ingest adopt --apply` has not finished")
+            }
         }
     }
 }
@@ -92,7 +97,13 @@ pub struct Catalog {
     pub unique_indexes: BTreeMap<(String, String), Vec<String>>,
     /// (table, column) → collation (string columns only).
     pub collations: BTreeMap<(String, String), String>,
+    /// Whether `adopt --apply` has started and not finished (its marker table exists).
+    pub adopt_in_progress: bool,
 }
+
+/// The table `adopt --apply` creates first and drops last: while it exists, the data is
+/// not ready for the worker (counts not recounted yet), whatever keys already exist.
+pub const ADOPT_MARKER: &str = "adopt_in_progress";
 
 impl Catalog {
     /// Reads the catalog of the pool's database.
@@ -105,7 +116,7 @@ impl Catalog {
             .join(", ");
         let tables: Vec<String> = sqlx::query_scalar(&format!(
             "SELECT CAST(TABLE_NAME AS CHAR) FROM information_schema.TABLES \
-             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME IN ({in_list})"
+             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME IN ({in_list}, '{ADOPT_MARKER}')"
         ))
         .fetch_all(pool)
         .await
@@ -135,8 +146,13 @@ impl Catalog {
                 .or_default()
                 .push(column);
         }
+        let adopt_in_progress = tables.iter().any(|table| table == ADOPT_MARKER);
         Ok(Self {
-            tables: tables.into_iter().collect(),
+            adopt_in_progress,
+            tables: tables
+                .into_iter()
+                .filter(|table| table != ADOPT_MARKER)
+                .collect(),
             unique_indexes,
             collations: collation_rows
                 .into_iter()
@@ -148,6 +164,9 @@ impl Catalog {
     /// Every problem of every table that exists, in table order.
     pub fn problems(&self) -> Vec<KeyProblem> {
         let mut problems = Vec::new();
+        if self.adopt_in_progress {
+            problems.push(KeyProblem::AdoptInProgress);
+        }
         for key in &NATURAL_KEYS {
             if !self.tables.contains(key.table) {
                 continue;

@@ -20,7 +20,8 @@ pub use batch::{BatchItem, BatchWritten, ConversationUnread, UnreadRules};
 pub use bounded::{write_batch, BatchConnection, BatchWriteError};
 pub use connect::{connect, connect_for_writes, connect_options, connect_server};
 pub use keys::{
-    require_natural_keys, Catalog, KeyProblem, NaturalKey, BINARY_COLLATION, NATURAL_KEYS,
+    require_natural_keys, Catalog, KeyProblem, NaturalKey, ADOPT_MARKER, BINARY_COLLATION,
+    NATURAL_KEYS,
 };
 pub use migrate::{create_database_if_missing, migrate, MIGRATOR};
 pub use write::{is_refusal, is_retryable, write_message, Provenance, WriteOutcome};

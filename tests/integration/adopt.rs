@@ -239,6 +239,11 @@ async fn adopt_killed_mid_apply_and_run_again_ends_as_one_uninterrupted_run() {
         .execute(pool)
         .await
         .unwrap();
+        // A team's database has none of the worker's own tables.
+        sqlx::query("DROP TABLE unread_reconcile")
+            .execute(pool)
+            .await
+            .unwrap();
         seed_duplicates(pool, 60).await;
         sqlx::query(
             "INSERT INTO customer (tenant_id, platform, external_user_id) \
@@ -278,6 +283,12 @@ async fn adopt_killed_mid_apply_and_run_again_ends_as_one_uninterrupted_run() {
     assert!(
         customers_left > 62,
         "the kill came after the customers were merged"
+    );
+    let output = im_ingest(&["migrate"], &[("IM_INGEST__DATABASE__URL", &killed.url())]);
+    assert!(
+        !output.status.success() && stderr_of(&output).contains("adopt --apply` has not finished"),
+        "migrate after a killed adopt: {}",
+        stderr_of(&output)
     );
     for db in [&killed, &whole] {
         let output = im_ingest(

@@ -67,10 +67,41 @@ pub enum KeysAdded {
     },
 }
 
+/// Gives the worker the index names it uses: a natural key under another name renamed,
+/// a missing lookup index added online. Done before merging (the merges find a
+/// customer's or session's rows through them) and again with the keys.
+pub async fn name_indexes(pool: &MySqlPool) -> anyhow::Result<Vec<String>> {
+    let mut done = Vec::new();
+    for problem in Catalog::read(pool).await?.problems() {
+        let statement = match &problem {
+            KeyProblem::MisnamedKey { table, name } => {
+                let key = NATURAL_KEYS.iter().find(|key| key.table == *table);
+                let index = key.map_or("", |key| key.index);
+                format!("ALTER TABLE {table} RENAME INDEX {name} TO {index}")
+            }
+            KeyProblem::MissingIndex {
+                table,
+                index,
+                columns,
+            } => format!(
+                "ALTER TABLE {table} ADD INDEX {index} ({}), ALGORITHM = INPLACE, LOCK = NONE",
+                columns.join(", ")
+            ),
+            _ => continue,
+        };
+        sqlx::query(&statement)
+            .execute(pool)
+            .await
+            .with_context(|| format!("fixing: {problem}"))?;
+        done.push(problem.to_string());
+    }
+    Ok(done)
+}
+
 /// Adds each missing natural unique key, online where the server can (`ALGORITHM =
 /// INPLACE, LOCK = NONE`), replacing a plain index of the same name.
 pub async fn add_keys(pool: &MySqlPool) -> anyhow::Result<KeysAdded> {
-    let mut added = Vec::new();
+    let mut added = name_indexes(pool).await?;
     for problem in Catalog::read(pool).await?.problems() {
         let KeyProblem::MissingKey { table } = problem else {
             continue;

@@ -133,6 +133,7 @@ async fn apply(
     merge::create_map_table(pool).await?;
     progress.set_message("converting id columns");
     applied.columns_converted = finish::convert_columns(pool).await?;
+    applied.keys_added.extend(finish::name_indexes(pool).await?);
     loop {
         applied.rounds += 1;
         // Customers first: merging them makes their sessions share keys, and merging

@@ -131,6 +131,9 @@ impl Survey {
                     survey.columns_to_convert.push(format!("{table}.{column}"))
                 }
                 KeyProblem::AdoptInProgress => survey.unfinished = true,
+                other @ (KeyProblem::MisnamedKey { .. } | KeyProblem::MissingIndex { .. }) => {
+                    survey.keys_to_add.push(other.to_string())
+                }
             }
         }
         let [customer, session, message] = &NATURAL_KEYS;

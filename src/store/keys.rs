@@ -47,6 +47,23 @@ pub const NATURAL_KEYS: [NaturalKey; 3] = [
     },
 ];
 
+/// The worker's other indexes it names in queries (`FORCE INDEX`) or needs to find a
+/// customer's or session's rows: (table, name, columns).
+pub const NAMED_INDEXES: [(&str, &str, &[&str]); 4] = [
+    (
+        "session",
+        "ix_session_agent",
+        &["tenant_id", "platform", "agent_id"],
+    ),
+    ("session", "ix_session_customer", &["customer_id"]),
+    (
+        "message",
+        "ix_message_session_sent",
+        &["session_id", "sent_at"],
+    ),
+    ("message", "ix_message_customer", &["customer_id"]),
+];
+
 /// The collation every id column must have.
 pub const BINARY_COLLATION: &str = "utf8mb4_bin";
 
@@ -55,6 +72,14 @@ pub const BINARY_COLLATION: &str = "utf8mb4_bin";
 pub enum KeyProblem {
     /// No unique index on exactly the natural key's columns.
     MissingKey { table: &'static str },
+    /// The natural unique key exists under another name (the worker names it in queries).
+    MisnamedKey { table: &'static str, name: String },
+    /// An index the worker names in queries, or needs for lookups, is missing.
+    MissingIndex {
+        table: &'static str,
+        index: &'static str,
+        columns: &'static [&'static str],
+    },
     /// `im-ingest adopt --apply` has started and not finished.
     AdoptInProgress,
     /// A key column that compares case- or accent-insensitively.
@@ -81,6 +106,25 @@ impl std::fmt::Display for KeyProblem {
                 f,
                 "`{table}`.`{column}` is {collation}, not {BINARY_COLLATION}"
             ),
+            KeyProblem::MisnamedKey { table, name } => {
+                let index = NATURAL_KEYS
+                    .iter()
+                    .find(|key| key.table == *table)
+                    .map_or("", |key| key.index);
+                write!(
+                    f,
+                    "`{table}`'s natural unique key is named `{name}`, not `{index}`"
+                )
+            }
+            KeyProblem::MissingIndex {
+                table,
+                index,
+                columns,
+            } => write!(
+                f,
+                "`{table}` has no index `{index}` ({})",
+                columns.join(", ")
+            ),
             KeyProblem::AdoptInProgress => {
                 write!(f, "an `im-ingest adopt --apply` has not finished")
             }
@@ -95,6 +139,8 @@ pub struct Catalog {
     pub tables: BTreeSet<String>,
     /// Unique indexes: (table, index) → columns in order.
     pub unique_indexes: BTreeMap<(String, String), Vec<String>>,
+    /// Every index by (table, name).
+    pub index_names: BTreeSet<(String, String)>,
     /// (table, column) → collation (string columns only).
     pub collations: BTreeMap<(String, String), String>,
     /// Whether `adopt --apply` has started and not finished (its marker table exists).
@@ -121,10 +167,10 @@ impl Catalog {
         .fetch_all(pool)
         .await
         .context("reading the tables of the database")?;
-        let index_rows: Vec<(String, String, String)> = sqlx::query_as(&format!(
-            "SELECT CAST(TABLE_NAME AS CHAR), CAST(INDEX_NAME AS CHAR), CAST(COLUMN_NAME AS CHAR) \
-             FROM information_schema.STATISTICS \
-             WHERE TABLE_SCHEMA = DATABASE() AND NON_UNIQUE = 0 AND TABLE_NAME IN ({in_list}) \
+        let index_rows: Vec<(String, String, String, i64)> = sqlx::query_as(&format!(
+            "SELECT CAST(TABLE_NAME AS CHAR), CAST(INDEX_NAME AS CHAR), CAST(COLUMN_NAME AS CHAR), \
+             CAST(NON_UNIQUE AS SIGNED) FROM information_schema.STATISTICS \
+             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME IN ({in_list}) \
              ORDER BY TABLE_NAME, INDEX_NAME, SEQ_IN_INDEX"
         ))
         .fetch_all(pool)
@@ -140,11 +186,15 @@ impl Catalog {
         .await
         .context("reading the column collations of the database")?;
         let mut unique_indexes: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
-        for (table, index, column) in index_rows {
-            unique_indexes
-                .entry((table, index))
-                .or_default()
-                .push(column);
+        let mut index_names = BTreeSet::new();
+        for (table, index, column, non_unique) in index_rows {
+            index_names.insert((table.clone(), index.clone()));
+            if non_unique == 0 {
+                unique_indexes
+                    .entry((table, index))
+                    .or_default()
+                    .push(column);
+            }
         }
         let adopt_in_progress = tables.iter().any(|table| table == ADOPT_MARKER);
         Ok(Self {
@@ -154,6 +204,7 @@ impl Catalog {
                 .filter(|table| table != ADOPT_MARKER)
                 .collect(),
             unique_indexes,
+            index_names,
             collations: collation_rows
                 .into_iter()
                 .map(|(table, column, collation)| ((table, column), collation))
@@ -171,15 +222,37 @@ impl Catalog {
             if !self.tables.contains(key.table) {
                 continue;
             }
-            let has_key = self.unique_indexes.iter().any(|((table, _), columns)| {
-                table == key.table
-                    && columns
-                        .iter()
-                        .map(String::as_str)
-                        .eq(key.columns.iter().copied())
-            });
-            if !has_key {
+            let unique_on_key: Vec<&str> = self
+                .unique_indexes
+                .iter()
+                .filter(|((table, _), columns)| {
+                    table == key.table
+                        && columns
+                            .iter()
+                            .map(String::as_str)
+                            .eq(key.columns.iter().copied())
+                })
+                .map(|((_, name), _)| name.as_str())
+                .collect();
+            if unique_on_key.is_empty() {
                 problems.push(KeyProblem::MissingKey { table: key.table });
+            } else if !unique_on_key.contains(&key.index) {
+                problems.push(KeyProblem::MisnamedKey {
+                    table: key.table,
+                    name: unique_on_key[0].to_string(),
+                });
+            }
+            for (table, index, columns) in NAMED_INDEXES {
+                let present = self
+                    .index_names
+                    .contains(&(table.to_string(), index.to_string()));
+                if table == key.table && !present {
+                    problems.push(KeyProblem::MissingIndex {
+                        table,
+                        index,
+                        columns,
+                    });
+                }
             }
             for column in key.binary_columns {
                 let collation = self
@@ -230,12 +303,20 @@ mod tests {
                 (key.table.to_string(), key.index.to_string()),
                 key.columns.iter().map(|c| c.to_string()).collect(),
             );
+            catalog
+                .index_names
+                .insert((key.table.to_string(), key.index.to_string()));
             for column in key.binary_columns {
                 catalog.collations.insert(
                     (key.table.to_string(), column.to_string()),
                     BINARY_COLLATION.to_string(),
                 );
             }
+        }
+        for (table, index, _) in NAMED_INDEXES {
+            catalog
+                .index_names
+                .insert((table.to_string(), index.to_string()));
         }
         catalog
     }
@@ -280,7 +361,7 @@ mod tests {
     }
 
     #[test]
-    fn a_unique_key_under_another_name_counts() {
+    fn a_key_under_another_name_and_a_missing_named_index_are_problems_the_worker_would_hit() {
         let mut catalog = catalog_of_our_schema();
         let columns = catalog
             .unique_indexes
@@ -289,6 +370,22 @@ mod tests {
         catalog
             .unique_indexes
             .insert(("session".to_string(), "their_name".to_string()), columns);
-        assert_eq!(catalog.problems(), vec![]);
+        catalog
+            .index_names
+            .remove(&("message".to_string(), "ix_message_session_sent".to_string()));
+        assert_eq!(
+            catalog.problems(),
+            vec![
+                KeyProblem::MisnamedKey {
+                    table: "session",
+                    name: "their_name".to_string()
+                },
+                KeyProblem::MissingIndex {
+                    table: "message",
+                    index: "ix_message_session_sent",
+                    columns: &["session_id", "sent_at"]
+                },
+            ]
+        );
     }
 }

@@ -239,6 +239,11 @@ async fn adopt_killed_mid_apply_and_run_again_ends_as_one_uninterrupted_run() {
         .execute(pool)
         .await
         .unwrap();
+        // A lookup index the worker names in its queries, missing.
+        sqlx::query("ALTER TABLE session DROP INDEX ix_session_agent")
+            .execute(pool)
+            .await
+            .unwrap();
         // A team's database has none of the worker's own tables.
         sqlx::query("DROP TABLE unread_reconcile")
             .execute(pool)

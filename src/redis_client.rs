@@ -43,3 +43,15 @@ pub fn open(settings: &RedisSettings) -> anyhow::Result<redis::Client> {
     redis::Client::build_with_tls(info, certificates)
         .with_context(|| format!("`redis.tls_ca` {} is not a PEM certificate", ca.display()))
 }
+
+/// The configured connect and response timeouts, for a connection made outside the
+/// lock's connection manager: a slow Redis counts as down, as everywhere else.
+pub fn timeouts(settings: &RedisSettings) -> redis::AsyncConnectionConfig {
+    redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(std::time::Duration::from_millis(
+            settings.connect_timeout_ms,
+        )))
+        .set_response_timeout(Some(std::time::Duration::from_millis(
+            settings.response_timeout_ms,
+        )))
+}

@@ -11,7 +11,9 @@ use std::time::Duration;
 use anyhow::Context;
 use sqlx::MySqlPool;
 
-use crate::store::{Catalog, KeyProblem, BINARY_COLLATION, MIGRATOR, NATURAL_KEYS};
+use crate::store::{
+    mysql_error_number, Catalog, KeyProblem, BINARY_COLLATION, MIGRATOR, NATURAL_KEYS,
+};
 use crate::unread::copy::Agent;
 
 /// Converts every natural-key id column that is not `utf8mb4_bin`, one `ALTER` per
@@ -132,7 +134,7 @@ pub async fn add_keys(pool: &MySqlPool) -> anyhow::Result<KeysAdded> {
             .await;
         let result = match online {
             // The server cannot do it online (ER_ALTER_OPERATION_NOT_SUPPORTED*).
-            Err(error) if matches!(error_number(&error), Some(1845 | 1846)) => {
+            Err(error) if matches!(mysql_error_number(&error), Some(1845 | 1846)) => {
                 sqlx::query(&alter).execute(pool).await
             }
             other => other,
@@ -140,7 +142,7 @@ pub async fn add_keys(pool: &MySqlPool) -> anyhow::Result<KeysAdded> {
         match result {
             Ok(_) => added.push(table.to_string()),
             // ER_DUP_ENTRY, ER_DUP_KEY: a writer made a duplicate after the merge.
-            Err(error) if matches!(error_number(&error), Some(1062 | 1022)) => {
+            Err(error) if matches!(mysql_error_number(&error), Some(1062 | 1022)) => {
                 return Ok(KeysAdded::NewDuplicates {
                     added,
                     cause: format!("`{table}`: {error}"),
@@ -152,15 +154,6 @@ pub async fn add_keys(pool: &MySqlPool) -> anyhow::Result<KeysAdded> {
         }
     }
     Ok(KeysAdded::All(added))
-}
-
-fn error_number(error: &sqlx::Error) -> Option<u16> {
-    match error {
-        sqlx::Error::Database(server) => server
-            .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
-            .map(|server| server.number()),
-        _ => None,
-    }
 }
 
 /// The smallest `BIGINT`: a watermark that is not set.
@@ -210,11 +203,7 @@ pub async fn recount_sessions(
             .await
             .context("recounting a session")?
             .rows_affected();
-            agents.insert(Agent {
-                tenant_id,
-                platform,
-                agent_id,
-            });
+            agents.insert(Agent::from((tenant_id, platform, agent_id)));
         }
         start = end + 1;
         tokio::time::sleep(pause).await;
@@ -233,14 +222,7 @@ pub async fn agents_of_merged_sessions(pool: &MySqlPool) -> anyhow::Result<BTree
     ))
     .fetch_all(pool)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(tenant_id, platform, agent_id)| Agent {
-            tenant_id,
-            platform,
-            agent_id,
-        })
-        .collect())
+    Ok(rows.into_iter().map(Agent::from).collect())
 }
 
 /// Creates the worker's own table for unread notes, which a team's database lacks (the

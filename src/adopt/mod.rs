@@ -28,7 +28,7 @@ use finish::KeysAdded;
 use merge::{Merged, Pace};
 use scan::Survey;
 
-pub use merge::MAP_TABLE;
+use merge::MAP_TABLE;
 
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("mode").required(true).args(["dry_run", "apply"])))]
@@ -209,13 +209,7 @@ async fn clear_copies(
     }
     let deleted = async {
         let client = crate::redis_client::open(&settings.redis)?;
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(
-                settings.redis.connect_timeout_ms,
-            )))
-            .set_response_timeout(Some(Duration::from_millis(
-                settings.redis.response_timeout_ms,
-            )));
+        let config = crate::redis_client::timeouts(&settings.redis);
         let mut connection = client
             .get_multiplexed_async_connection_with_config(&config)
             .await?;

@@ -27,11 +27,8 @@ const TLS_REQUIRED: u16 = 3159;
 fn classify(error: &anyhow::Error) -> Probe {
     let cause = crate::telemetry::error_line(error);
     match error.downcast_ref::<sqlx::Error>() {
-        Some(sqlx::Error::Database(server)) => {
-            let number = server
-                .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
-                .map(|server| server.number());
-            match number {
+        Some(database @ sqlx::Error::Database(_)) => {
+            match crate::store::mysql_error_number(database) {
                 Some(ACCESS_DENIED | TLS_REQUIRED) => Probe::Misconfigured(format!(
                     "{cause} (wrong user or password, or an account or server that requires \
                      TLS: `database.tls_mode`)"

@@ -15,10 +15,7 @@ pub(super) async fn probe(settings: &Settings) -> Probe {
     };
     // The worker's own timeouts: a Redis that is merely slow or hung is left to degraded
     // mode, as it would be later.
-    let redis = &settings.redis;
-    let config = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(Duration::from_millis(redis.connect_timeout_ms)))
-        .set_response_timeout(Some(Duration::from_millis(redis.response_timeout_ms)));
+    let config = crate::redis_client::timeouts(&settings.redis);
     let ping = async {
         let mut connection = client
             .get_multiplexed_async_connection_with_config(&config)

@@ -66,7 +66,7 @@ fn pool_options(settings: &DatabaseSettings) -> MySqlPoolOptions {
 }
 
 /// The options of a connection to the configured database.
-pub fn connect_options(settings: &DatabaseSettings) -> anyhow::Result<MySqlConnectOptions> {
+fn connect_options(settings: &DatabaseSettings) -> anyhow::Result<MySqlConnectOptions> {
     let options = MySqlConnectOptions::from_str(settings.url.expose())
         .with_context(|| format!("invalid database URL {}", settings.url))?;
     apply(settings, options)

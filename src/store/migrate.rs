@@ -74,12 +74,9 @@ pub async fn migrate(settings: &DatabaseSettings) -> anyhow::Result<()> {
 /// `ER_TABLEACCESS_DENIED_ERROR`).
 fn is_access_denied(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
-        let server = match cause.downcast_ref::<sqlx::Error>() {
-            Some(sqlx::Error::Database(server)) => server,
-            _ => return false,
-        };
-        server
-            .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
-            .is_some_and(|server| matches!(server.number(), 1044 | 1142))
+        cause
+            .downcast_ref::<sqlx::Error>()
+            .and_then(super::write::mysql_error_number)
+            .is_some_and(|number| matches!(number, 1044 | 1142))
     })
 }

@@ -18,10 +18,12 @@ mod write;
 pub(crate) use batch::write_unchecked;
 pub use batch::{BatchItem, BatchWritten, ConversationUnread, UnreadRules};
 pub use bounded::{write_batch, BatchConnection, BatchWriteError};
-pub use connect::{connect, connect_for_writes, connect_options, connect_server};
+pub use connect::{connect, connect_for_writes, connect_server};
 pub use keys::{
     require_natural_keys, Catalog, KeyProblem, NaturalKey, ADOPT_MARKER, BINARY_COLLATION,
     NATURAL_KEYS,
 };
 pub use migrate::{create_database_if_missing, migrate, MIGRATOR};
-pub use write::{is_refusal, is_retryable, write_message, Provenance, WriteOutcome};
+pub use write::{
+    is_refusal, is_retryable, mysql_error_number, write_message, Provenance, WriteOutcome,
+};

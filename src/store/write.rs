@@ -67,7 +67,7 @@ pub fn is_refusal(error: &sqlx::Error) -> bool {
     )
 }
 
-fn mysql_error_number(error: &sqlx::Error) -> Option<u16> {
+pub fn mysql_error_number(error: &sqlx::Error) -> Option<u16> {
     match error {
         sqlx::Error::Database(db) => db
             .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()

@@ -126,6 +126,17 @@ impl Agent {
     }
 }
 
+/// (tenant, platform, agent), as queries return them.
+impl From<(String, String, String)> for Agent {
+    fn from((tenant_id, platform, agent_id): (String, String, String)) -> Self {
+        Self {
+            tenant_id,
+            platform,
+            agent_id,
+        }
+    }
+}
+
 impl From<&ConversationUnread> for Agent {
     fn from(c: &ConversationUnread) -> Self {
         Self {

@@ -54,12 +54,5 @@ pub async fn agents(
     .bind(agent)
     .fetch_all(pool)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(tenant_id, platform, agent_id)| Agent {
-            tenant_id,
-            platform,
-            agent_id,
-        })
-        .collect())
+    Ok(rows.into_iter().map(Agent::from).collect())
 }

@@ -21,15 +21,8 @@ use crate::worker::{create_topics, wait_until_all_committed};
 /// A database with the worker's tables minus their unique keys, as a team's naive
 /// writer had them.
 async fn database_without_unique_keys() -> TestDatabase {
-    let db = TestDatabase::reserve();
-    let settings = im_ingest::config::DatabaseSettings {
-        url: im_ingest::secret::SecretUrl::new(db.url()),
-        ..Default::default()
-    };
-    im_ingest::store::create_database_if_missing(&settings)
-        .await
-        .unwrap();
-    let pool = im_ingest::store::connect(&settings).await.unwrap();
+    let db = TestDatabase::created().await;
+    let pool = pool_of(&db).await;
     im_ingest::bench::contender::naive::create_schema(&pool)
         .await
         .unwrap();
@@ -96,11 +89,7 @@ async fn a_case_insensitive_id_column_is_refused_like_a_missing_key() {
 
 /// A pool on `db`.
 async fn pool_of(db: &TestDatabase) -> sqlx::MySqlPool {
-    let settings = im_ingest::config::DatabaseSettings {
-        url: im_ingest::secret::SecretUrl::new(db.url()),
-        ..Default::default()
-    };
-    im_ingest::store::connect(&settings).await.unwrap()
+    im_ingest::store::connect(&db.settings()).await.unwrap()
 }
 
 /// `customers` users, each stored three times with a session each (nicknames `nick0`
@@ -258,7 +247,8 @@ async fn adopt_killed_mid_apply_and_run_again_ends_as_one_uninterrupted_run() {
         .await
         .unwrap();
     }
-    let mut slow = std::process::Command::new(env!("CARGO_BIN_EXE_im-ingest"))
+    let dir = tempfile::tempdir().unwrap();
+    let mut slow = crate::helpers::bare_command(dir.path())
         .args(["adopt", "--apply", "--batch", "1", "--pause-ms", "40"])
         .env("IM_INGEST__DATABASE__URL", killed.url())
         .stdout(std::process::Stdio::null())

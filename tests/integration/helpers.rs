@@ -39,13 +39,27 @@ impl TestDatabase {
         format!("{}/{}", mysql_server_url(), self.name)
     }
 
+    /// Database settings for it (otherwise the defaults).
+    pub fn settings(&self) -> im_ingest::config::DatabaseSettings {
+        im_ingest::config::DatabaseSettings {
+            url: im_ingest::secret::SecretUrl::new(self.url()),
+            ..Default::default()
+        }
+    }
+
+    /// A new, empty database.
+    pub async fn created() -> Self {
+        let db = Self::reserve();
+        im_ingest::store::create_database_if_missing(&db.settings())
+            .await
+            .unwrap();
+        db
+    }
+
     /// A new database with the worker's schema, and a pool on it.
     pub async fn migrated() -> (Self, sqlx::MySqlPool) {
         let db = Self::reserve();
-        let settings = im_ingest::config::DatabaseSettings {
-            url: im_ingest::secret::SecretUrl::new(db.url()),
-            ..Default::default()
-        };
+        let settings = db.settings();
         im_ingest::store::migrate(&settings).await.unwrap();
         let pool = im_ingest::store::connect(&settings).await.unwrap();
         (db, pool)
@@ -75,19 +89,33 @@ impl TestDatabase {
     }
 }
 
-/// Runs the built `im-ingest` binary with the given arguments and extra environment,
-/// from a directory without `config/`, so only built-in defaults and `envs` apply.
-pub fn im_ingest(args: &[&str], envs: &[(&str, &str)]) -> Output {
-    let dir = tempfile::tempdir().unwrap();
+/// The built `im-ingest` binary, to run in `dir` (a directory without `config/`) and
+/// without this process's `IM_INGEST__…` variables: only built-in defaults and what the
+/// caller sets apply.
+pub fn bare_command(dir: &std::path::Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_im-ingest"));
-    command.args(args).current_dir(dir.path());
+    command.current_dir(dir);
     for (key, _) in std::env::vars() {
         if key.starts_with("IM_INGEST__") {
             command.env_remove(key);
         }
     }
+    command
+}
+
+/// Runs the built `im-ingest` binary with the given arguments and extra environment
+/// (see [`bare_command`]).
+pub fn im_ingest(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = bare_command(dir.path());
+    command.args(args);
     command.envs(envs.iter().copied());
     command.output().expect("running im-ingest")
+}
+
+/// Owned variables as the borrowed pairs [`im_ingest`] takes.
+pub fn borrowed(vars: &[(String, String)]) -> Vec<(&str, &str)> {
+    vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }
 
 pub fn stderr_of(output: &Output) -> String {
@@ -110,17 +138,11 @@ impl WorkerProcess {
     pub fn start(env: &WorkerEnv) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("worker.log");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_im-ingest"));
+        let mut command = bare_command(dir.path());
         command
             .arg("run")
-            .current_dir(dir.path())
             .stdout(std::fs::File::create(dir.path().join("stdout.log")).unwrap())
             .stderr(std::fs::File::create(&log).unwrap());
-        for (key, _) in std::env::vars() {
-            if key.starts_with("IM_INGEST__") {
-                command.env_remove(key);
-            }
-        }
         command.envs(env.vars());
         let child = command.spawn().expect("starting im-ingest run");
         Self {

@@ -11,7 +11,8 @@ use rdkafka::producer::FutureRecord;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::helpers::{
-    brokers, im_ingest, refuse_message_id, stderr_of, unique, OutsideLock, WorkerEnv, WorkerProcess,
+    borrowed, brokers, im_ingest, refuse_message_id, stderr_of, unique, OutsideLock, WorkerEnv,
+    WorkerProcess,
 };
 use crate::kafka_util::{end_offset, header, produce, producer, read_all};
 use crate::pipeline::payload;
@@ -314,17 +315,11 @@ async fn a_replay_killed_mid_run_and_resumed_republishes_each_record_exactly_onc
         &checkpoint,
     ];
     let dir = tempfile::tempdir().unwrap();
-    let mut slow = std::process::Command::new(env!("CARGO_BIN_EXE_im-ingest"));
+    let mut slow = crate::helpers::bare_command(dir.path());
     slow.args(args)
         .args(["--rate", "500"])
-        .current_dir(dir.path())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
-    for (key, _) in std::env::vars() {
-        if key.starts_with("IM_INGEST__") {
-            slow.env_remove(key);
-        }
-    }
     let mut slow = slow.spawn().unwrap();
     // Killed once some chunks are committed, mid-run.
     let deadline = Instant::now() + WAIT;
@@ -383,8 +378,10 @@ async fn dead_letters_replayed_in_process_are_stored_without_a_worker() {
         .await
         .unwrap();
     let vars = env.vars();
-    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let output = im_ingest(&["replay", "--from", &env.dlq, "--process"], &vars);
+    let output = im_ingest(
+        &["replay", "--from", &env.dlq, "--process"],
+        &borrowed(&vars),
+    );
     assert!(output.status.success(), "{}", stderr_of(&output));
     let report = String::from_utf8(output.stdout).unwrap();
     assert!(

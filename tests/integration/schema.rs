@@ -194,14 +194,8 @@ type MarkerRow = (
 #[tokio::test]
 async fn migrating_a_database_of_the_first_schema_gives_each_profile_field_its_old_marker() {
     // A database as the first release left it: only the initial migration applied.
-    let db = TestDatabase::reserve();
-    let settings = im_ingest::config::DatabaseSettings {
-        url: im_ingest::secret::SecretUrl::new(db.url()),
-        ..Default::default()
-    };
-    im_ingest::store::create_database_if_missing(&settings)
-        .await
-        .unwrap();
+    let db = TestDatabase::created().await;
+    let settings = db.settings();
     let first = tempfile::tempdir().unwrap();
     let initial = "20261122000001_initial_schema.sql";
     std::fs::copy(

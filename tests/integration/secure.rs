@@ -11,7 +11,7 @@ use rdkafka::producer::FutureProducer;
 use sqlx::MySqlPool;
 
 use crate::admin::{get, get_with_token};
-use crate::helpers::{im_ingest, stderr_of, unique, WorkerEnv, WorkerProcess};
+use crate::helpers::{borrowed, im_ingest, stderr_of, unique, WorkerEnv, WorkerProcess};
 use crate::kafka_util::produce;
 use crate::unread::{message, AGENT};
 use crate::worker::{wait_for_count, WAIT};
@@ -183,8 +183,7 @@ fn vars_with(env: &WorkerEnv, overrides: &[(&str, String)]) -> Vec<(String, Stri
 /// Applies the schema as `im_admin` with `im-ingest migrate` (the worker cannot).
 fn migrate_as_admin(env: &WorkerEnv) {
     let vars = vars_with(env, &database_settings("im_admin", &env.database));
-    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let output = im_ingest(&["migrate"], &vars);
+    let output = im_ingest(&["migrate"], &borrowed(&vars));
     assert!(output.status.success(), "migrate: {}", stderr_of(&output));
 }
 
@@ -249,13 +248,12 @@ async fn stores_messages_over(transport: Transport) {
     assert!(exit.is_some_and(|status| status.success()), "{log}");
     // The other commands reach the same services with the same settings.
     let vars = env.vars();
-    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     for command in [
         vec!["verify"],
         vec!["reconcile", "--dry-run"],
         vec!["replay", "--from", env.inbound.as_str(), "--dry-run"],
     ] {
-        let output = im_ingest(&command, &vars);
+        let output = im_ingest(&command, &borrowed(&vars));
         assert!(
             output.status.success(),
             "{command:?} over {transport:?}: {}",
@@ -289,17 +287,11 @@ async fn the_worker_stores_messages_over_kafka_sasl_ssl_scram_sha_512() {
 /// time taken, stdout + stderr).
 fn run_bounded(vars: &[(String, String)], limit: Duration) -> (Option<i32>, Duration, String) {
     let dir = tempfile::tempdir().unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_im-ingest"));
+    let mut command = crate::helpers::bare_command(dir.path());
     command
         .arg("run")
-        .current_dir(dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    for (key, _) in std::env::vars() {
-        if key.starts_with("IM_INGEST__") {
-            command.env_remove(key);
-        }
-    }
     command.envs(vars.iter().map(|(k, v)| (k, v)));
     let started = Instant::now();
     let mut child = command.spawn().unwrap();
@@ -445,8 +437,7 @@ async fn a_database_user_without_ddl_rights_cannot_migrate_and_says_so() {
     let env = secure_worker(Transport::Scram512);
     // `migrate` as the worker's user: the database cannot be created.
     let vars = vars_with(&env, &[]);
-    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let output = im_ingest(&["migrate"], &vars);
+    let output = im_ingest(&["migrate"], &borrowed(&vars));
     let error = stderr_of(&output);
     assert!(!output.status.success(), "{error}");
     assert!(

@@ -162,7 +162,7 @@ start_secure_mariadb() {
   mkdir -p "$dir"
   if [ ! -d "$dir/data/mysql" ]; then
     mariadb-install-db --no-defaults --datadir="$dir/data" --user="$(run_user)" \
-      --auth-root-authentication-method=normal --skip-test-db --skip-auth-anonymous-user \
+      --auth-root-authentication-method=normal --skip-test-db \
       >"$dir/install.log" 2>&1 \
       || { tail -n 30 "$dir/install.log" >&2; die "mariadb (secure): mariadb-install-db failed"; }
   fi
@@ -181,6 +181,7 @@ start_secure_mariadb() {
 secure_mariadb_users() {
   mariadb --no-defaults -S "$SECURE_DIR/mariadb/mariadbd.sock" -u root <<EOF \
     || die "mariadb (secure): creating the users failed"
+DROP USER IF EXISTS ''@'localhost', ''@'$(hostname)';
 CREATE USER IF NOT EXISTS 'im_admin'@'127.0.0.1';
 ALTER USER 'im_admin'@'127.0.0.1' IDENTIFIED BY '$(secret mariadb_im_admin)' REQUIRE SSL;
 GRANT ALL PRIVILEGES ON \`im\\_%\`.* TO 'im_admin'@'127.0.0.1';

@@ -161,7 +161,8 @@ const NO_WATERMARK: &str = "-9223372036854775808";
 
 /// Sets each session's `unread_count` to what its rows say and its `last_message_at` to
 /// at least its newest message (a naive writer kept neither), in id ranges; returns the
-/// sessions changed and the agents they belong to.
+/// sessions changed and the agents they belong to, each noted in `unread_reconcile`
+/// before its sessions change (the workers rebuild noted agents' Redis copies).
 pub async fn recount_sessions(
     pool: &MySqlPool,
     range: i64,
@@ -191,7 +192,19 @@ pub async fn recount_sessions(
         .fetch_all(pool)
         .await
         .context("finding sessions whose counts are off")?;
-        for (id, tenant_id, platform, agent_id) in off {
+        // Noted before their counts change: a kill after the update would leave no sign
+        // of which agents' Redis copies are behind, the note survives it.
+        let range_agents: BTreeSet<Agent> = off
+            .iter()
+            .map(|(_, tenant_id, platform, agent_id)| {
+                Agent::from((tenant_id.clone(), platform.clone(), agent_id.clone()))
+            })
+            .collect();
+        crate::unread::reconcile::note(pool, &range_agents)
+            .await
+            .context("noting the agents whose counts change")?;
+        agents.extend(range_agents);
+        for (id, ..) in off {
             changed += sqlx::query(&format!(
                 "UPDATE session s SET \
                  s.last_message_at = COALESCE(GREATEST(s.last_message_at, {newest}), s.last_message_at, {newest}), \
@@ -203,7 +216,6 @@ pub async fn recount_sessions(
             .await
             .context("recounting a session")?
             .rows_affected();
-            agents.insert(Agent::from((tenant_id, platform, agent_id)));
         }
         start = end + 1;
         tokio::time::sleep(pause).await;

@@ -8,7 +8,9 @@
 //! never half, and a re-run finishes the rest. A writer inserting meanwhile either
 //! waits for the lock and then sees the survivor, or (with the tables' foreign keys)
 //! fails to reference a deleted loser; without foreign keys, [`repoint_stragglers`]
-//! moves such rows to the survivor through `adopt_merged`.
+//! moves such rows to the survivor through `adopt_merged` (a session that lands on a
+//! key the survivor customer already has is merged, never collides). A survivor merged
+//! later takes its losers' map rows with it, so the map always names a row that exists.
 
 use std::time::Duration;
 
@@ -92,7 +94,7 @@ pub async fn merge_pass(
         };
         after = Some(last.clone());
         for parts in &keys {
-            total.add(merge_key_with_retries(pool, key, parts).await?);
+            total.add(with_retries(pool, Job::Key(key, parts)).await?);
         }
         progress.set_message(format!(
             "{}: {} keys merged, {} rows removed",
@@ -188,17 +190,25 @@ fn push_key_condition(query: &mut QueryBuilder<'_, MySql>, key: &NaturalKey, par
     }
 }
 
-/// Merges one key, again after a deadlock or lock wait timeout (a writer on the same
-/// rows), a few times.
-async fn merge_key_with_retries(
-    pool: &MySqlPool,
-    key: &NaturalKey,
-    parts: &[Part],
-) -> anyhow::Result<Merged> {
+/// One unit of merging, done in its own transaction.
+#[derive(Debug, Clone, Copy)]
+enum Job<'a> {
+    /// The rows holding one natural key.
+    Key(&'a NaturalKey, &'a [Part]),
+    /// A session written under a merged customer's id after that customer was merged.
+    LateSession(i64),
+}
+
+/// Runs `job` in a transaction, again after a deadlock or lock wait timeout (a writer
+/// on the same rows), a few times.
+async fn with_retries(pool: &MySqlPool, job: Job<'_>) -> anyhow::Result<Merged> {
     let mut attempt = 0;
     loop {
         let mut transaction = pool.begin().await?;
-        let result = merge_key(&mut transaction, key, parts).await;
+        let result = match job {
+            Job::Key(key, parts) => merge_key(&mut transaction, key, parts).await,
+            Job::LateSession(id) => move_late_session(&mut transaction, id).await,
+        };
         let result = match result {
             Ok(merged) => transaction.commit().await.map(|()| merged),
             Err(error) => Err(error),
@@ -210,9 +220,24 @@ async fn merge_key_with_retries(
                 tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
             }
             Err(error) => {
-                return Err(error).with_context(|| format!("merging a key of `{}`", key.table))
+                return Err(error).with_context(|| match job {
+                    Job::Key(key, _) => format!("merging a key of `{}`", key.table),
+                    Job::LateSession(id) => format!("moving session {id} to its customer"),
+                })
             }
         }
+    }
+}
+
+/// The columns merging reads from each table's rows.
+fn merged_columns(table: &str) -> &'static str {
+    match table {
+        "customer" => {
+            "id, nickname, nickname_at, CAST(nickname_message_id AS CHAR) AS nickname_message_id, \
+             avatar, avatar_at, CAST(avatar_message_id AS CHAR) AS avatar_message_id"
+        }
+        "session" => "id, last_message_at, read_up_to, expired_up_to",
+        _ => "id",
     }
 }
 
@@ -221,19 +246,25 @@ async fn merge_key(
     key: &NaturalKey,
     parts: &[Part],
 ) -> Result<Merged, sqlx::Error> {
-    let columns = match key.table {
-        "customer" => {
-            "id, nickname, nickname_at, CAST(nickname_message_id AS CHAR) AS nickname_message_id, \
-             avatar, avatar_at, CAST(avatar_message_id AS CHAR) AS avatar_message_id"
-        }
-        "session" => "id, last_message_at, read_up_to, expired_up_to",
-        _ => "id",
-    };
-    let mut select =
-        QueryBuilder::<MySql>::new(format!("SELECT {columns} FROM {} WHERE ", key.table));
+    let mut select = QueryBuilder::<MySql>::new(format!(
+        "SELECT {} FROM {} WHERE ",
+        merged_columns(key.table),
+        key.table
+    ));
     push_key_condition(&mut select, key, parts);
     select.push(" ORDER BY id FOR UPDATE");
     let rows = select.build().fetch_all(&mut *connection).await?;
+    merge_rows(connection, key.table, &rows).await
+}
+
+/// Merges `rows` (locked, in id order, sharing a natural key) into the first: the
+/// converging fields, the references to the others, the map (earlier losers of the
+/// others follow to the survivor), and the others deleted.
+async fn merge_rows(
+    connection: &mut MySqlConnection,
+    table: &'static str,
+    rows: &[MySqlRow],
+) -> Result<Merged, sqlx::Error> {
     if rows.len() < 2 {
         return Ok(Merged::default());
     }
@@ -247,16 +278,16 @@ async fn merge_key(
         removed: 0,
         repointed: 0,
     };
-    match key.table {
+    match table {
         "customer" => {
-            keep_newest_profile(connection, survivor, &rows).await?;
+            keep_newest_profile(connection, survivor, rows).await?;
             merged.repointed +=
                 repoint(connection, "session", "customer_id", survivor, &losers).await?;
             merged.repointed +=
                 repoint(connection, "message", "customer_id", survivor, &losers).await?;
         }
         "session" => {
-            keep_greatest_times(connection, survivor, &rows).await?;
+            keep_greatest_times(connection, survivor, rows).await?;
             merged.repointed +=
                 repoint(connection, "message", "session_id", survivor, &losers).await?;
         }
@@ -266,16 +297,76 @@ async fn merge_key(
         "INSERT IGNORE INTO {MAP_TABLE} (table_name, loser_id, survivor_id) "
     ));
     map.push_values(&losers, |mut row, loser| {
-        row.push_bind(key.table)
-            .push_bind(*loser)
-            .push_bind(survivor);
+        row.push_bind(table).push_bind(*loser).push_bind(survivor);
     });
     map.build().execute(&mut *connection).await?;
-    let mut delete = QueryBuilder::<MySql>::new(format!("DELETE FROM {} WHERE id IN (", key.table));
+    // A survivor of an earlier merge can lose now (a late row with a lower id took its
+    // key): whoever follows the map from its own losers lands on a row that exists.
+    let mut follow = QueryBuilder::<MySql>::new(format!("UPDATE {MAP_TABLE} SET survivor_id = "));
+    follow.push_bind(survivor);
+    follow.push(" WHERE table_name = ");
+    follow.push_bind(table);
+    follow.push(" AND survivor_id IN (");
+    push_ids(&mut follow, &losers);
+    follow.build().execute(&mut *connection).await?;
+    let mut delete = QueryBuilder::<MySql>::new(format!("DELETE FROM {table} WHERE id IN ("));
     push_ids(&mut delete, &losers);
     merged.removed = delete
         .build()
         .execute(&mut *connection)
+        .await?
+        .rows_affected();
+    Ok(merged)
+}
+
+/// Moves session `id`, written under a merged customer's id, to the survivor customer;
+/// if that customer already has a session with the same agent, the two are merged
+/// (lowest id survives), so the move never collides with the unique key.
+async fn move_late_session(
+    connection: &mut MySqlConnection,
+    id: i64,
+) -> Result<Merged, sqlx::Error> {
+    let late: Option<(i64, String, String, String)> = sqlx::query_as(&format!(
+        "SELECT m.survivor_id, CAST(s.tenant_id AS CHAR), CAST(s.platform AS CHAR), \
+         CAST(s.agent_id AS CHAR) FROM session s JOIN {MAP_TABLE} m \
+         ON m.table_name = 'customer' AND m.loser_id = s.customer_id WHERE s.id = ? FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_optional(&mut *connection)
+    .await?;
+    let Some((customer, tenant_id, platform, agent_id)) = late else {
+        // Moved (or gone) since it was found.
+        return Ok(Merged::default());
+    };
+    let columns = merged_columns("session");
+    let mut rows = sqlx::query(&format!(
+        "SELECT {columns} FROM session WHERE tenant_id = ? AND platform = ? \
+         AND customer_id = ? AND agent_id = ? FOR UPDATE"
+    ))
+    .bind(&tenant_id)
+    .bind(&platform)
+    .bind(customer)
+    .bind(&agent_id)
+    .fetch_all(&mut *connection)
+    .await?;
+    rows.extend(
+        sqlx::query(&format!("SELECT {columns} FROM session WHERE id = ?"))
+            .bind(id)
+            .fetch_all(&mut *connection)
+            .await?,
+    );
+    let mut by_id = rows
+        .into_iter()
+        .map(|row| Ok((row.try_get::<i64, _>("id")?, row)))
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    by_id.sort_by_key(|(id, _)| *id);
+    let rows: Vec<MySqlRow> = by_id.into_iter().map(|(_, row)| row).collect();
+    let mut merged = merge_rows(connection, "session", &rows).await?;
+    let kept: i64 = rows[0].try_get("id")?;
+    merged.repointed += sqlx::query("UPDATE session SET customer_id = ? WHERE id = ?")
+        .bind(customer)
+        .bind(kept)
+        .execute(connection)
         .await?
         .rows_affected();
     Ok(merged)
@@ -375,22 +466,54 @@ async fn keep_greatest_times(
 }
 
 /// Rows a writer inserted pointing at a loser after it was merged (possible only without
-/// foreign keys), moved to the survivor through the map. Returns the rows moved.
-pub async fn repoint_stragglers(pool: &MySqlPool) -> anyhow::Result<u64> {
-    let mut moved = 0;
-    for (table, column, merged_table) in [
-        ("session", "customer_id", "customer"),
-        ("message", "customer_id", "customer"),
-        ("message", "session_id", "session"),
-    ] {
-        moved += sqlx::query(&format!(
-            "UPDATE {table} t JOIN {MAP_TABLE} m ON m.table_name = '{merged_table}' \
-             AND m.loser_id = t.{column} SET t.{column} = m.survivor_id"
+/// foreign keys), moved to the survivor through the map in batches: sessions one by one
+/// (merged where the survivor customer has one with the same agent already), then the
+/// messages. Returns what was done.
+pub async fn repoint_stragglers(pool: &MySqlPool, pace: Pace) -> anyhow::Result<Merged> {
+    let mut done = Merged::default();
+    loop {
+        let late: Vec<i64> = sqlx::query_scalar(&format!(
+            "SELECT s.id FROM {MAP_TABLE} m JOIN session s ON s.customer_id = m.loser_id \
+             WHERE m.table_name = 'customer' LIMIT ?"
         ))
-        .execute(pool)
+        .bind(pace.batch)
+        .fetch_all(pool)
         .await
-        .with_context(|| format!("repointing `{table}`.`{column}` from merged rows"))?
-        .rows_affected();
+        .context("finding sessions of merged customers")?;
+        if late.is_empty() {
+            break;
+        }
+        for id in late {
+            done.add(with_retries(pool, Job::LateSession(id)).await?);
+        }
+        tokio::time::sleep(pace.pause).await;
     }
-    Ok(moved)
+    for (column, merged_table) in [("customer_id", "customer"), ("session_id", "session")] {
+        loop {
+            let late: Vec<i64> = sqlx::query_scalar(&format!(
+                "SELECT t.id FROM {MAP_TABLE} m JOIN message t ON t.{column} = m.loser_id \
+                 WHERE m.table_name = '{merged_table}' LIMIT ?"
+            ))
+            .bind(pace.batch)
+            .fetch_all(pool)
+            .await
+            .with_context(|| format!("finding messages whose `{column}` was merged"))?;
+            if late.is_empty() {
+                break;
+            }
+            let mut update = QueryBuilder::<MySql>::new(format!(
+                "UPDATE message t JOIN {MAP_TABLE} m ON m.table_name = '{merged_table}' \
+                 AND m.loser_id = t.{column} SET t.{column} = m.survivor_id WHERE t.id IN ("
+            ));
+            push_ids(&mut update, &late);
+            done.repointed += update
+                .build()
+                .execute(pool)
+                .await
+                .with_context(|| format!("repointing `message`.`{column}` from merged rows"))?
+                .rows_affected();
+            tokio::time::sleep(pace.pause).await;
+        }
+    }
+    Ok(done)
 }

@@ -60,8 +60,9 @@ pub struct Applied {
     pub customer: Merged,
     pub session: Merged,
     pub message: Merged,
-    /// Rows moved from a loser that a writer referenced after its merge.
-    pub stragglers_repointed: u64,
+    /// Rows a writer pointed at a loser after its merge, moved to the survivor (sessions
+    /// that met one of the survivor's merged into it).
+    pub stragglers: Merged,
     pub columns_converted: Vec<String>,
     pub keys_added: Vec<String>,
     pub sessions_recounted: u64,
@@ -148,7 +149,10 @@ async fn apply(
         applied
             .message
             .add(merge::merge_pass(pool, message, pace, &progress).await?);
-        applied.stragglers_repointed += merge::repoint_stragglers(pool).await?;
+        progress.set_message("moving rows written with merged ids");
+        applied
+            .stragglers
+            .add(merge::repoint_stragglers(pool, pace).await?);
         progress.set_message("adding the unique keys");
         match finish::add_keys(pool).await? {
             KeysAdded::All(tables) => {
@@ -171,7 +175,9 @@ async fn apply(
         }
     }
     // Any rows referencing a loser that slipped in while the keys were added.
-    applied.stragglers_repointed += merge::repoint_stragglers(pool).await?;
+    applied
+        .stragglers
+        .add(merge::repoint_stragglers(pool, pace).await?);
     progress.set_message("recounting unread counts");
     let (recounted, mut agents) =
         finish::recount_sessions(pool, i64::from(args.batch) * 50, pace.pause).await?;
@@ -291,8 +297,13 @@ fn write_applied(out: &mut impl Write, applied: &Applied) -> std::io::Result<()>
     }
     writeln!(
         out,
-        "  rows repointed after their merge: {}; sessions recounted: {}; agents' Redis copies cleared: {}",
-        applied.stragglers_repointed, applied.sessions_recounted, applied.agents_cleared
+        "  rows written with a merged id: {} moved, {} sessions merged into one the survivor had",
+        applied.stragglers.repointed, applied.stragglers.removed
+    )?;
+    writeln!(
+        out,
+        "  sessions recounted: {}; agents' Redis copies cleared: {}",
+        applied.sessions_recounted, applied.agents_cleared
     )?;
     writeln!(
         out,

@@ -467,3 +467,141 @@ async fn adopt_beside_a_naive_writer_still_inserting_ends_verified_with_nothing_
     pool.close().await;
     db.drop_now().await;
 }
+
+/// The `id` of the one row `sql` finds.
+async fn id_of(pool: &sqlx::MySqlPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_foreign_keys_rows_written_with_merged_ids_move_to_the_survivors() {
+    let db = database_without_unique_keys().await;
+    let pool = pool_of(&db).await;
+    for statement in [
+        "ALTER TABLE message DROP FOREIGN KEY fk_message_session, DROP FOREIGN KEY fk_message_customer",
+        "ALTER TABLE session DROP FOREIGN KEY fk_session_customer",
+        // Ids below 100 stay free for a late row with a lower id than its survivor.
+        "ALTER TABLE session AUTO_INCREMENT = 100",
+    ] {
+        sqlx::query(statement).execute(&pool).await.unwrap();
+    }
+    seed_duplicates(&pool, 4).await;
+    let output = im_ingest(
+        &["adopt", "--apply"],
+        &[("IM_INGEST__DATABASE__URL", &db.url())],
+    );
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    // A naive writer that read ids before the merge writes with them afterwards.
+    let loser_customer = |user: &str| {
+        format!(
+            "SELECT MIN(m.loser_id) FROM adopt_merged m JOIN customer c ON c.id = m.survivor_id \
+             WHERE m.table_name = 'customer' AND c.external_user_id = '{user}'"
+        )
+    };
+    let u0_customer = id_of(
+        &pool,
+        "SELECT id FROM customer WHERE external_user_id = 'u0'",
+    )
+    .await;
+    let u0_session = id_of(
+        &pool,
+        &format!("SELECT id FROM session WHERE customer_id = {u0_customer}"),
+    )
+    .await;
+    let u0_loser_customer = id_of(&pool, &loser_customer("u0")).await;
+    let u0_loser_session = id_of(
+        &pool,
+        &format!(
+            "SELECT MIN(loser_id) FROM adopt_merged WHERE table_name = 'session' \
+             AND survivor_id = {u0_session}"
+        ),
+    )
+    .await;
+    let u1_loser_customer = id_of(&pool, &loser_customer("u1")).await;
+    // u0: a session with a lower id than u0's, under a merged customer id (its key
+    // becomes u0's session's once moved), and a message on a merged session.
+    sqlx::query(
+        "INSERT INTO session (id, tenant_id, platform, customer_id, agent_id, last_message_at) \
+         VALUES (1, 't', '2', ?, 'agent-7', 0)",
+    )
+    .bind(u0_loser_customer)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let late_message =
+        "INSERT INTO message (tenant_id, platform, external_message_id, session_id, \
+         customer_id, message_type, content, sent_at, source_topic, source_partition, \
+         source_offset) VALUES ('t', '2', ?, ?, ?, 'TEXT', 'late', 2000, 'seed', 0, 0)";
+    sqlx::query(late_message)
+        .bind("u0-late")
+        .bind(u0_loser_session)
+        .bind(u0_loser_customer)
+        .execute(&pool)
+        .await
+        .unwrap();
+    // u1: a session with another agent under a merged customer id, and its message.
+    let u1_new_session = sqlx::query(
+        "INSERT INTO session (tenant_id, platform, customer_id, agent_id, last_message_at) \
+         VALUES ('t', '2', ?, 'agent-9', 0)",
+    )
+    .bind(u1_loser_customer)
+    .execute(&pool)
+    .await
+    .unwrap()
+    .last_insert_id() as i64;
+    sqlx::query(late_message)
+        .bind("u1-late")
+        .bind(u1_new_session)
+        .bind(u1_loser_customer)
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let output = im_ingest(
+        &["adopt", "--apply"],
+        &[("IM_INGEST__DATABASE__URL", &db.url())],
+    );
+    assert!(output.status.success(), "{}", stderr_of(&output));
+
+    for dangling in [
+        "SELECT COUNT(*) FROM session s LEFT JOIN customer c ON c.id = s.customer_id WHERE c.id IS NULL",
+        "SELECT COUNT(*) FROM message m LEFT JOIN customer c ON c.id = m.customer_id WHERE c.id IS NULL",
+        "SELECT COUNT(*) FROM message m LEFT JOIN session s ON s.id = m.session_id WHERE s.id IS NULL",
+        "SELECT COUNT(*) FROM message m JOIN session s ON s.id = m.session_id WHERE s.customer_id <> m.customer_id",
+        // Every loser maps to a row that exists: a survivor merged later is followed.
+        "SELECT COUNT(*) FROM adopt_merged m LEFT JOIN session s ON s.id = m.survivor_id \
+         WHERE m.table_name = 'session' AND s.id IS NULL",
+    ] {
+        assert_eq!(count(&pool, dangling).await, 0, "{dangling}");
+    }
+    let u0_sessions: Vec<(i64, i64, u32, Option<i64>)> = sqlx::query_as(
+        "SELECT id, customer_id, unread_count, last_message_at FROM session \
+         WHERE customer_id = ? ORDER BY id",
+    )
+    .bind(u0_customer)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(u0_sessions, vec![(1, u0_customer, 5, Some(2000))]);
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT COUNT(*) FROM message WHERE session_id = 1 AND external_message_id LIKE 'u0-%'"
+        )
+        .await,
+        5
+    );
+    let u1_agents: Vec<String> = sqlx::query_scalar(
+        "SELECT CAST(s.agent_id AS CHAR) FROM session s JOIN customer c ON c.id = s.customer_id \
+         WHERE c.external_user_id = 'u1' ORDER BY s.agent_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(u1_agents, ["agent-7", "agent-9"]);
+    assert_eq!(count(&pool, "SELECT COUNT(*) FROM customer").await, 4);
+    assert_eq!(count(&pool, "SELECT COUNT(*) FROM message").await, 18);
+    im_ingest::store::require_natural_keys(&pool).await.unwrap();
+    pool.close().await;
+    db.drop_now().await;
+}

@@ -215,7 +215,7 @@ async fn with_retries(pool: &MySqlPool, job: Job<'_>) -> anyhow::Result<Merged> 
         };
         match result {
             Ok(merged) => return Ok(merged),
-            Err(error) if crate::store::is_retryable(&error) && attempt < 5 => {
+            Err(error) if retryable(job, &error) && attempt < 5 => {
                 attempt += 1;
                 tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
             }
@@ -229,6 +229,15 @@ async fn with_retries(pool: &MySqlPool, job: Job<'_>) -> anyhow::Result<Merged> 
     }
 }
 
+/// A deadlock or lock wait timeout; for a late session also a duplicate key: without a
+/// gap lock (`READ COMMITTED`) a writer can create the survivor customer's session with
+/// the same agent between the lookup and the move, and the next attempt merges it.
+fn retryable(job: Job<'_>, error: &sqlx::Error) -> bool {
+    crate::store::is_retryable(error)
+        || (matches!(job, Job::LateSession(_))
+            && crate::store::mysql_error_number(error) == Some(1062))
+}
+
 /// The columns merging reads from each table's rows.
 fn merged_columns(table: &str) -> &'static str {
     match table {
@@ -236,7 +245,7 @@ fn merged_columns(table: &str) -> &'static str {
             "id, nickname, nickname_at, CAST(nickname_message_id AS CHAR) AS nickname_message_id, \
              avatar, avatar_at, CAST(avatar_message_id AS CHAR) AS avatar_message_id"
         }
-        "session" => "id, last_message_at, read_up_to, expired_up_to",
+        "session" => "id, last_message_at, read_up_to, expired_up_to, unread_version",
         _ => "id",
     }
 }
@@ -257,7 +266,7 @@ async fn merge_key(
     merge_rows(connection, key.table, &rows).await
 }
 
-/// Merges `rows` (locked, in id order, sharing a natural key) into the first: the
+/// Merges `rows` (locked, in id order, sharing a natural key or about to) into the first: the
 /// converging fields, the references to the others, the map (earlier losers of the
 /// others follow to the survivor), and the others deleted.
 async fn merge_rows(
@@ -350,10 +359,12 @@ async fn move_late_session(
     .fetch_all(&mut *connection)
     .await?;
     rows.extend(
-        sqlx::query(&format!("SELECT {columns} FROM session WHERE id = ?"))
-            .bind(id)
-            .fetch_all(&mut *connection)
-            .await?,
+        sqlx::query(&format!(
+            "SELECT {columns} FROM session WHERE id = ? FOR UPDATE"
+        ))
+        .bind(id)
+        .fetch_all(&mut *connection)
+        .await?,
     );
     let mut by_id = rows
         .into_iter()
@@ -361,15 +372,28 @@ async fn move_late_session(
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
     by_id.sort_by_key(|(id, _)| *id);
     let rows: Vec<MySqlRow> = by_id.into_iter().map(|(_, row)| row).collect();
-    let mut merged = merge_rows(connection, "session", &rows).await?;
+    let merged = merge_rows(connection, "session", &rows).await?;
     let kept: i64 = rows[0].try_get("id")?;
-    merged.repointed += sqlx::query("UPDATE session SET customer_id = ? WHERE id = ?")
+    sqlx::query("UPDATE session SET customer_id = ? WHERE id = ?")
         .bind(customer)
         .bind(kept)
-        .execute(connection)
-        .await?
-        .rows_affected();
-    Ok(merged)
+        .execute(&mut *connection)
+        .await?;
+    // Its messages carry the merged customer's id too: moved with it, so the session and
+    // its messages never disagree on the customer.
+    let messages = sqlx::query(&format!(
+        "UPDATE message t JOIN {MAP_TABLE} m ON m.table_name = 'customer' \
+         AND m.loser_id = t.customer_id SET t.customer_id = m.survivor_id WHERE t.session_id = ?"
+    ))
+    .bind(kept)
+    .execute(connection)
+    .await?
+    .rows_affected();
+    Ok(Merged {
+        keys: merged.keys,
+        removed: merged.removed,
+        repointed: 1 + messages,
+    })
 }
 
 fn push_ids(query: &mut QueryBuilder<'_, MySql>, ids: &[i64]) {
@@ -453,12 +477,20 @@ async fn keep_greatest_times(
         }
         Ok(values.into_iter().flatten().max())
     };
+    let mut version = 0;
+    for row in rows {
+        version = version.max(row.try_get::<u64, _>("unread_version")?);
+    }
+    // Above every merged row's version: a Redis copy that holds any of them yields to the
+    // survivor's state (copies keep the higher version).
     sqlx::query(
-        "UPDATE session SET last_message_at = ?, read_up_to = ?, expired_up_to = ? WHERE id = ?",
+        "UPDATE session SET last_message_at = ?, read_up_to = ?, expired_up_to = ?, \
+         unread_version = ? WHERE id = ?",
     )
     .bind(greatest("last_message_at")?)
     .bind(greatest("read_up_to")?)
     .bind(greatest("expired_up_to")?)
+    .bind(version + 1)
     .bind(survivor)
     .execute(connection)
     .await?;

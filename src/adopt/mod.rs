@@ -207,12 +207,9 @@ async fn clear_copies(
     if agents.is_empty() {
         return Ok(());
     }
-    for chunk in agents.iter().cloned().collect::<Vec<_>>().chunks(500) {
-        let chunk: BTreeSet<Agent> = chunk.iter().cloned().collect();
-        crate::unread::reconcile::note(pool, &chunk)
-            .await
-            .context("noting the agents whose Redis copies to rebuild")?;
-    }
+    crate::unread::reconcile::note(pool, agents)
+        .await
+        .context("noting the agents whose Redis copies to rebuild")?;
     let deleted = async {
         let client = crate::redis_client::open(&settings.redis)?;
         let config = crate::redis_client::timeouts(&settings.redis);

@@ -17,22 +17,25 @@ use sqlx::MySqlPool;
 use super::copy::{Agent, Conversation, StoredCopy, UnreadCopy};
 use super::source;
 
-/// Notes agents whose Redis copy may be behind (one statement).
+/// Notes agents whose Redis copy may be behind (one statement per 1,000 agents, well
+/// under the protocol's 65,535 placeholders).
 pub async fn note(pool: &MySqlPool, agents: &BTreeSet<Agent>) -> Result<(), sqlx::Error> {
-    if agents.is_empty() {
-        return Ok(());
+    let agents: Vec<&Agent> = agents.iter().collect();
+    for chunk in agents.chunks(1_000) {
+        let mut insert = sqlx::QueryBuilder::<sqlx::MySql>::new(
+            "INSERT INTO unread_reconcile (tenant_id, platform, agent_id, token) ",
+        );
+        insert.push_values(chunk, |mut row, agent| {
+            row.push_bind(&agent.tenant_id)
+                .push_bind(&agent.platform)
+                .push_bind(&agent.agent_id)
+                .push_bind(rand::random::<u64>() >> 1);
+        });
+        insert.push(
+            " ON DUPLICATE KEY UPDATE token = VALUES(token), noted_at = CURRENT_TIMESTAMP(3)",
+        );
+        insert.build().execute(pool).await?;
     }
-    let mut insert = sqlx::QueryBuilder::<sqlx::MySql>::new(
-        "INSERT INTO unread_reconcile (tenant_id, platform, agent_id, token) ",
-    );
-    insert.push_values(agents, |mut row, agent| {
-        row.push_bind(&agent.tenant_id)
-            .push_bind(&agent.platform)
-            .push_bind(&agent.agent_id)
-            .push_bind(rand::random::<u64>() >> 1);
-    });
-    insert.push(" ON DUPLICATE KEY UPDATE token = VALUES(token), noted_at = CURRENT_TIMESTAMP(3)");
-    insert.build().execute(pool).await?;
     Ok(())
 }
 

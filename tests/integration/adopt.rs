@@ -518,6 +518,11 @@ async fn without_foreign_keys_rows_written_with_merged_ids_move_to_the_survivors
     )
     .await;
     let u1_loser_customer = id_of(&pool, &loser_customer("u1")).await;
+    let u0_session_version = id_of(
+        &pool,
+        &format!("SELECT CAST(unread_version AS SIGNED) FROM session WHERE id = {u0_session}"),
+    )
+    .await;
     // u0: a session with a lower id than u0's, under a merged customer id (its key
     // becomes u0's session's once moved), and a message on a merged session.
     sqlx::query(
@@ -557,8 +562,9 @@ async fn without_foreign_keys_rows_written_with_merged_ids_move_to_the_survivors
         .await
         .unwrap();
 
+    // One row per batch: every finding query goes round more than once.
     let output = im_ingest(
-        &["adopt", "--apply"],
+        &["adopt", "--apply", "--batch", "1", "--pause-ms", "0"],
         &[("IM_INGEST__DATABASE__URL", &db.url())],
     );
     assert!(output.status.success(), "{}", stderr_of(&output));
@@ -571,6 +577,8 @@ async fn without_foreign_keys_rows_written_with_merged_ids_move_to_the_survivors
         // Every loser maps to a row that exists: a survivor merged later is followed.
         "SELECT COUNT(*) FROM adopt_merged m LEFT JOIN session s ON s.id = m.survivor_id \
          WHERE m.table_name = 'session' AND s.id IS NULL",
+        "SELECT COUNT(*) FROM adopt_merged m LEFT JOIN customer c ON c.id = m.survivor_id \
+         WHERE m.table_name = 'customer' AND c.id IS NULL",
     ] {
         assert_eq!(count(&pool, dangling).await, 0, "{dangling}");
     }
@@ -583,6 +591,15 @@ async fn without_foreign_keys_rows_written_with_merged_ids_move_to_the_survivors
     .await
     .unwrap();
     assert_eq!(u0_sessions, vec![(1, u0_customer, 5, Some(2000))]);
+    let version = id_of(
+        &pool,
+        "SELECT CAST(unread_version AS SIGNED) FROM session WHERE id = 1",
+    )
+    .await;
+    assert!(
+        version > u0_session_version,
+        "the merged session's unread_version {version} is not above {u0_session_version}"
+    );
     assert_eq!(
         count(
             &pool,
@@ -599,6 +616,13 @@ async fn without_foreign_keys_rows_written_with_merged_ids_move_to_the_survivors
     .await
     .unwrap();
     assert_eq!(u1_agents, ["agent-7", "agent-9"]);
+    // Both agents' Redis copies are left for the workers to rebuild.
+    let noted: Vec<String> =
+        sqlx::query_scalar("SELECT CAST(agent_id AS CHAR) FROM unread_reconcile ORDER BY agent_id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(noted, ["agent-7", "agent-9"]);
     assert_eq!(count(&pool, "SELECT COUNT(*) FROM customer").await, 4);
     assert_eq!(count(&pool, "SELECT COUNT(*) FROM message").await, 18);
     im_ingest::store::require_natural_keys(&pool).await.unwrap();

@@ -160,13 +160,16 @@ pub async fn add_keys(pool: &MySqlPool) -> anyhow::Result<KeysAdded> {
 const NO_WATERMARK: &str = "-9223372036854775808";
 
 /// Sets each session's `unread_count` to what its rows say and its `last_message_at` to
-/// at least its newest message (a naive writer kept neither), in id ranges; returns the
-/// sessions changed and the agents they belong to, each noted in `unread_reconcile`
-/// before its sessions change (the workers rebuild noted agents' Redis copies).
+/// at least its newest message (a naive writer kept neither) — with expiry on
+/// (`expire_after` ms), its `expired_up_to` first, from the silences between its
+/// messages as the worker derives it — in id ranges; returns the sessions whose counts
+/// changed and the agents they belong to, each noted in `unread_reconcile` before its
+/// sessions change (the workers rebuild noted agents' Redis copies).
 pub async fn recount_sessions(
     pool: &MySqlPool,
     range: i64,
     pause: Duration,
+    expire_after: Option<i64>,
 ) -> anyhow::Result<(u64, BTreeSet<Agent>)> {
     let recount = format!(
         "(SELECT COUNT(*) FROM message m WHERE m.session_id = s.id AND m.sent_at > \
@@ -181,6 +184,9 @@ pub async fn recount_sessions(
     let mut start = 0;
     while start <= max_id {
         let end = start + range - 1;
+        if let Some(expire_after) = expire_after {
+            derive_expiry_between(pool, start, end, expire_after).await?;
+        }
         let off: Vec<(i64, String, String, String)> = sqlx::query_as(&format!(
             "SELECT s.id, CAST(s.tenant_id AS CHAR), CAST(s.platform AS CHAR), \
              CAST(s.agent_id AS CHAR) FROM session s \
@@ -221,6 +227,43 @@ pub async fn recount_sessions(
         tokio::time::sleep(pause).await;
     }
     Ok((changed, agents))
+}
+
+/// Sets `expired_up_to` of the sessions with ids in `start..=end` to what the silences
+/// between their messages imply (none: `NULL`), the worker's rule.
+async fn derive_expiry_between(
+    pool: &MySqlPool,
+    start: i64,
+    end: i64,
+    expire_after: i64,
+) -> anyhow::Result<()> {
+    let sessions: Vec<(i64, Option<i64>)> =
+        sqlx::query_as("SELECT id, expired_up_to FROM session WHERE id BETWEEN ? AND ?")
+            .bind(start)
+            .bind(end)
+            .fetch_all(pool)
+            .await
+            .context("reading the sessions' expiry watermarks")?;
+    if sessions.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<i64> = sessions.iter().map(|(id, _)| *id).collect();
+    let mut connection = pool.acquire().await?;
+    let derived = crate::store::derive_expiry(&mut connection, &ids, expire_after)
+        .await
+        .context("deriving the sessions' expiry watermarks")?;
+    for (id, current) in sessions {
+        let wanted = derived.get(&id).copied();
+        if wanted != current {
+            sqlx::query("UPDATE session SET expired_up_to = ? WHERE id = ?")
+                .bind(wanted)
+                .bind(id)
+                .execute(&mut *connection)
+                .await
+                .context("setting a session's expiry watermark")?;
+        }
+    }
+    Ok(())
 }
 
 /// The agents of the sessions merged into others: their Redis copies counted the

@@ -179,8 +179,13 @@ async fn apply(
         .stragglers
         .add(merge::repoint_stragglers(pool, pace).await?);
     progress.set_message("recounting unread counts");
-    let (recounted, mut agents) =
-        finish::recount_sessions(pool, i64::from(args.batch) * 50, pace.pause).await?;
+    let (recounted, mut agents) = finish::recount_sessions(
+        pool,
+        i64::from(args.batch) * 50,
+        pace.pause,
+        settings.unread.expire_after_ms(),
+    )
+    .await?;
     applied.sessions_recounted = recounted;
     agents.extend(finish::agents_of_merged_sessions(pool).await?);
     clear_copies(settings, pool, &agents).await?;

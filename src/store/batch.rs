@@ -330,7 +330,7 @@ async fn count_unread(
 /// `expired_up_to` of each session of `ids` that has one: just before its newest message
 /// sent more than `expire_after` ms after the message before it (see `unread`), in one
 /// statement.
-async fn derive_expiry(
+pub(crate) async fn derive_expiry(
     connection: &mut MySqlConnection,
     ids: &[i64],
     expire_after: i64,

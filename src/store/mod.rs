@@ -15,7 +15,7 @@ mod profile;
 mod unread;
 mod write;
 
-pub(crate) use batch::write_unchecked;
+pub(crate) use batch::{derive_expiry, write_unchecked};
 pub use batch::{BatchItem, BatchWritten, ConversationUnread, UnreadRules};
 pub use bounded::{write_batch, BatchConnection, BatchWriteError};
 pub use connect::{connect, connect_for_writes, connect_server};

@@ -629,3 +629,75 @@ async fn without_foreign_keys_rows_written_with_merged_ids_move_to_the_survivors
     pool.close().await;
     db.drop_now().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_expiry_on_adopt_counts_only_the_messages_after_the_last_silence() {
+    const DAY: i64 = 86_400_000;
+    let db = database_without_unique_keys().await;
+    let pool = pool_of(&db).await;
+    let customer = sqlx::query(
+        "INSERT INTO customer (tenant_id, platform, external_user_id) VALUES ('t', '2', 'u')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap()
+    .last_insert_id();
+    let session = sqlx::query(
+        "INSERT INTO session (tenant_id, platform, customer_id, agent_id) \
+         VALUES ('t', '2', ?, 'agent-7')",
+    )
+    .bind(customer)
+    .execute(&pool)
+    .await
+    .unwrap()
+    .last_insert_id();
+    // Nine silent days between the second and the third message.
+    let sent = [DAY, 2 * DAY, 11 * DAY, 11 * DAY + 1];
+    for (index, sent_at) in sent.iter().enumerate() {
+        sqlx::query(
+            "INSERT INTO message (tenant_id, platform, external_message_id, session_id, \
+             customer_id, content, sent_at, source_topic, source_partition, source_offset) \
+             VALUES ('t', '2', ?, ?, ?, 'hi', ?, 'seed', 0, ?)",
+        )
+        .bind(format!("m{index}"))
+        .bind(session)
+        .bind(customer)
+        .bind(sent_at)
+        .bind(index as i64)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let state = || {
+        sqlx::query_as::<_, (Option<i64>, u32)>(
+            "SELECT expired_up_to, unread_count FROM session WHERE id = ?",
+        )
+        .bind(session)
+        .fetch_one(&pool)
+    };
+    let output = im_ingest(
+        &["adopt", "--apply"],
+        &[("IM_INGEST__DATABASE__URL", &db.url())],
+    );
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    assert_eq!(
+        state().await.unwrap(),
+        (None, 4),
+        "expiry off: every message"
+    );
+    let output = im_ingest(
+        &["adopt", "--apply"],
+        &[
+            ("IM_INGEST__DATABASE__URL", &db.url()),
+            ("IM_INGEST__UNREAD__EXPIRE_AFTER_DAYS", "7"),
+        ],
+    );
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    assert_eq!(
+        state().await.unwrap(),
+        (Some(11 * DAY - 1), 2),
+        "expiry on: the two after the silence"
+    );
+    pool.close().await;
+    db.drop_now().await;
+}

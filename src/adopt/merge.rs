@@ -128,11 +128,16 @@ async fn next_keys(
         })
         .collect::<Vec<_>>()
         .join(", ");
-    let mut query = QueryBuilder::<MySql>::new(format!("SELECT {selected} FROM {} ", key.table));
+    // Rows with a NULL in the key are left alone: no unique key covers them.
+    let mut query = QueryBuilder::<MySql>::new(format!(
+        "SELECT {selected} FROM {} WHERE {} ",
+        key.table,
+        super::scan::key_is_null(key, false)
+    ));
     if let Some(after) = after {
         // `(a, b, c) > (x, y, z)` spelled out: MariaDB uses no index for a row
         // comparison, and every batch would read the table from its start.
-        query.push("WHERE ");
+        query.push("AND (");
         for depth in 0..key.columns.len() {
             query.push(if depth == 0 { "(" } else { " OR (" });
             for (index, column) in key.columns[..=depth].iter().enumerate() {
@@ -145,7 +150,7 @@ async fn next_keys(
             }
             query.push(")");
         }
-        query.push(" ");
+        query.push(") ");
     }
     query.push(format!(
         "GROUP BY {columns} HAVING COUNT(*) > 1 ORDER BY {columns} LIMIT "

@@ -257,6 +257,14 @@ fn write_survey(out: &mut impl Write, title: &str, survey: &Survey) -> std::io::
             "  {table}: {} keys held by more than one row, {} rows to remove",
             found.keys, found.extra_rows
         )?;
+        if found.rows_without_key > 0 {
+            writeln!(
+                out,
+                "  {table}: {} rows with a NULL in the key, left as they are (no unique key \
+                 covers them and the worker never finds them)",
+                found.rows_without_key
+            )?;
+        }
     }
     if survey.customer.keys > 0 {
         writeln!(

@@ -103,6 +103,9 @@ pub struct Duplicates {
     pub keys: u64,
     /// Rows beyond the first of each such key (what merging removes).
     pub extra_rows: u64,
+    /// Rows with a NULL in a key column (a nullable column in the team's schema): no
+    /// unique key covers them and the worker never finds them, so adopt leaves them.
+    pub rows_without_key: u64,
 }
 
 /// The state `adopt` starts from.
@@ -164,18 +167,41 @@ pub fn binary_columns(key: &NaturalKey) -> String {
         .join(", ")
 }
 
+/// `c1 IS NOT NULL AND c2 IS NOT NULL …` over the key's columns (or `IS NULL … OR`).
+pub fn key_is_null(key: &NaturalKey, null: bool) -> String {
+    let (test, join) = match null {
+        true => ("IS NULL", " OR "),
+        false => ("IS NOT NULL", " AND "),
+    };
+    key.columns
+        .iter()
+        .map(|column| format!("{column} {test}"))
+        .collect::<Vec<_>>()
+        .join(join)
+}
+
 async fn duplicates(pool: &MySqlPool, key: &NaturalKey) -> anyhow::Result<Duplicates> {
     let (keys, extra_rows): (i64, i64) = sqlx::query_as(&format!(
         "SELECT COUNT(*), CAST(COALESCE(SUM(n - 1), 0) AS SIGNED) FROM \
-         (SELECT COUNT(*) AS n FROM {table} GROUP BY {columns} HAVING n > 1) AS d",
+         (SELECT COUNT(*) AS n FROM {table} WHERE {complete} GROUP BY {columns} HAVING n > 1) AS d",
         table = key.table,
+        complete = key_is_null(key, false),
         columns = binary_columns(key),
     ))
     .fetch_one(pool)
     .await
     .with_context(|| format!("counting the duplicates of `{}`", key.table))?;
+    let rows_without_key: i64 = sqlx::query_scalar(&format!(
+        "SELECT COUNT(*) FROM {} WHERE {}",
+        key.table,
+        key_is_null(key, true)
+    ))
+    .fetch_one(pool)
+    .await
+    .with_context(|| format!("counting the rows of `{}` without a key", key.table))?;
     Ok(Duplicates {
         keys: keys as u64,
         extra_rows: extra_rows as u64,
+        rows_without_key: rows_without_key as u64,
     })
 }

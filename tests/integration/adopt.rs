@@ -701,3 +701,63 @@ async fn with_expiry_on_adopt_counts_only_the_messages_after_the_last_silence() 
     pool.close().await;
     db.drop_now().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_with_a_null_in_a_nullable_key_column_are_reported_and_left_while_the_rest_is_adopted()
+{
+    let db = database_without_unique_keys().await;
+    let pool = pool_of(&db).await;
+    sqlx::query(
+        "ALTER TABLE customer MODIFY external_user_id VARCHAR(64) \
+         CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    seed_duplicates(&pool, 3).await;
+    for _ in 0..2 {
+        sqlx::query(
+            "INSERT INTO customer (tenant_id, platform, external_user_id) VALUES ('t', '2', NULL)",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let output = im_ingest(
+        &["adopt", "--dry-run"],
+        &[("IM_INGEST__DATABASE__URL", &db.url())],
+    );
+    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    for expected in [
+        "customer: 3 keys held by more than one row, 6 rows to remove",
+        "customer: 2 rows with a NULL in the key, left as they are",
+    ] {
+        assert!(report.contains(expected), "{expected:?} not in {report}");
+    }
+    let output = im_ingest(
+        &["adopt", "--apply"],
+        &[("IM_INGEST__DATABASE__URL", &db.url())],
+    );
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT COUNT(*) FROM customer WHERE external_user_id IS NULL"
+        )
+        .await,
+        2
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT COUNT(*) FROM customer WHERE external_user_id IS NOT NULL"
+        )
+        .await,
+        3
+    );
+    assert_eq!(count(&pool, "SELECT COUNT(*) FROM message").await, 12);
+    im_ingest::store::require_natural_keys(&pool).await.unwrap();
+    pool.close().await;
+    db.drop_now().await;
+}

@@ -76,6 +76,11 @@ pub async fn run(settings: &Settings, args: &AdoptArgs) -> anyhow::Result<()> {
     let pool = crate::store::connect(&settings.database).await?;
     scan::require_our_shape(&pool).await?;
     let before = Survey::read(&pool).await?;
+    anyhow::ensure!(
+        args.dry_run || before.to_fix_by_hand.is_empty(),
+        "adopt leaves these to you: {}; then run adopt again",
+        before.to_fix_by_hand.join("; ")
+    );
     let applied = match args.apply {
         true => Some(apply(settings, &pool, args).await?),
         false => None,
@@ -282,6 +287,9 @@ fn write_survey(out: &mut impl Write, title: &str, survey: &Survey) -> std::io::
         list(&survey.columns_to_convert)
     )?;
     writeln!(out, "  unique keys to add: {}", list(&survey.keys_to_add))?;
+    for fix in &survey.to_fix_by_hand {
+        writeln!(out, "  to fix by hand before --apply: {fix}")?;
+    }
     if survey.is_adopted() {
         writeln!(out, "  nothing to do: the database has its keys")?;
     }

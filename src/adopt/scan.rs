@@ -120,6 +120,9 @@ pub struct Survey {
     pub columns_to_convert: Vec<String>,
     /// Tables whose unique key is missing.
     pub keys_to_add: Vec<String>,
+    /// What adopt leaves to the team: unique indexes narrower than a natural key (adopt
+    /// does not drop a team's index; `--apply` refuses until they are gone).
+    pub to_fix_by_hand: Vec<String>,
     /// An earlier `--apply` did not finish (it goes on from where it stopped).
     pub unfinished: bool,
 }
@@ -134,6 +137,9 @@ impl Survey {
                     survey.columns_to_convert.push(format!("{table}.{column}"))
                 }
                 KeyProblem::AdoptInProgress => survey.unfinished = true,
+                other @ KeyProblem::NarrowerUniqueIndex { .. } => {
+                    survey.to_fix_by_hand.push(other.to_string())
+                }
                 other @ (KeyProblem::MisnamedKey { .. } | KeyProblem::MissingIndex { .. }) => {
                     survey.keys_to_add.push(other.to_string())
                 }
@@ -149,6 +155,7 @@ impl Survey {
     /// Whether there is nothing left to do.
     pub fn is_adopted(&self) -> bool {
         self.keys_to_add.is_empty()
+            && self.to_fix_by_hand.is_empty()
             && self.columns_to_convert.is_empty()
             && !self.unfinished
             && self.customer.extra_rows + self.session.extra_rows + self.message.extra_rows == 0

@@ -80,6 +80,14 @@ pub enum KeyProblem {
         index: &'static str,
         columns: &'static [&'static str],
     },
+    /// A unique index that does not hold the whole natural key (other columns, fewer,
+    /// or a prefix of one): `ON DUPLICATE KEY UPDATE` would take another row for the one
+    /// it upserts. Adopt does not drop a team's index; the team does.
+    NarrowerUniqueIndex {
+        table: &'static str,
+        name: String,
+        columns: Vec<String>,
+    },
     /// `im-ingest adopt --apply` has started and not finished.
     AdoptInProgress,
     /// A key column that compares case- or accent-insensitively.
@@ -125,6 +133,17 @@ impl std::fmt::Display for KeyProblem {
                 "`{table}` has no index `{index}` ({})",
                 columns.join(", ")
             ),
+            KeyProblem::NarrowerUniqueIndex {
+                table,
+                name,
+                columns,
+            } => write!(
+                f,
+                "`{table}` has the unique index `{name}` on ({}), which does not hold the \
+                 whole natural key: rows of different {table}s would be taken for one; drop \
+                 it (`ALTER TABLE {table} DROP INDEX {name}`)",
+                columns.join(", ")
+            ),
             KeyProblem::AdoptInProgress => {
                 write!(f, "an `im-ingest adopt --apply` has not finished")
             }
@@ -137,7 +156,7 @@ impl std::fmt::Display for KeyProblem {
 pub struct Catalog {
     /// Our tables that exist.
     pub tables: BTreeSet<String>,
-    /// Unique indexes: (table, index) → columns in order.
+    /// Unique indexes: (table, index) → columns in order (a prefix as `column(length)`).
     pub unique_indexes: BTreeMap<(String, String), Vec<String>>,
     /// Every index by (table, name).
     pub index_names: BTreeSet<(String, String)>,
@@ -167,9 +186,9 @@ impl Catalog {
         .fetch_all(pool)
         .await
         .context("reading the tables of the database")?;
-        let index_rows: Vec<(String, String, String, i64)> = sqlx::query_as(&format!(
+        let index_rows: Vec<(String, String, String, i64, Option<i64>)> = sqlx::query_as(&format!(
             "SELECT CAST(TABLE_NAME AS CHAR), CAST(INDEX_NAME AS CHAR), CAST(COLUMN_NAME AS CHAR), \
-             CAST(NON_UNIQUE AS SIGNED) FROM information_schema.STATISTICS \
+             CAST(NON_UNIQUE AS SIGNED), CAST(SUB_PART AS SIGNED) FROM information_schema.STATISTICS \
              WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME IN ({in_list}) \
              ORDER BY TABLE_NAME, INDEX_NAME, SEQ_IN_INDEX"
         ))
@@ -187,8 +206,13 @@ impl Catalog {
         .context("reading the column collations of the database")?;
         let mut unique_indexes: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
         let mut index_names = BTreeSet::new();
-        for (table, index, column, non_unique) in index_rows {
+        for (table, index, column, non_unique, prefix) in index_rows {
             index_names.insert((table.clone(), index.clone()));
+            // A prefix is written as MySQL shows it, so it never equals a whole column.
+            let column = match prefix {
+                Some(length) => format!("{column}({length})"),
+                None => column,
+            };
             if non_unique == 0 {
                 unique_indexes
                     .entry((table, index))
@@ -234,6 +258,19 @@ impl Catalog {
                 })
                 .map(|((_, name), _)| name.as_str())
                 .collect();
+            for ((table, name), columns) in &self.unique_indexes {
+                let holds_key = key
+                    .columns
+                    .iter()
+                    .all(|column| columns.iter().any(|c| c == column));
+                if table == key.table && name != "PRIMARY" && !holds_key {
+                    problems.push(KeyProblem::NarrowerUniqueIndex {
+                        table: key.table,
+                        name: name.clone(),
+                        columns: columns.clone(),
+                    });
+                }
+            }
             if unique_on_key.is_empty() {
                 problems.push(KeyProblem::MissingKey { table: key.table });
             } else if !unique_on_key.contains(&key.index) {
@@ -351,12 +388,58 @@ mod tests {
                     column: "agent_id",
                     collation: "utf8mb4_unicode_ci".to_string()
                 },
+                KeyProblem::NarrowerUniqueIndex {
+                    table: "message",
+                    name: "uk_message_natural".to_string(),
+                    columns: vec!["tenant_id".to_string(), "external_message_id".to_string()],
+                },
                 KeyProblem::MissingKey { table: "message" },
             ]
         );
         assert_eq!(
             problems[0].to_string(),
             "`customer` has no unique key on (tenant_id, platform, external_user_id)"
+        );
+    }
+
+    #[test]
+    fn a_unique_index_on_part_of_a_key_or_a_prefix_is_refused_and_one_on_more_columns_is_not() {
+        let mut catalog = catalog_of_our_schema();
+        let columns = |names: &[&str]| names.iter().map(|c| c.to_string()).collect::<Vec<_>>();
+        catalog.unique_indexes.insert(
+            ("customer".to_string(), "ux_user".to_string()),
+            columns(&["external_user_id"]),
+        );
+        catalog.unique_indexes.insert(
+            ("message".to_string(), "ux_prefix".to_string()),
+            columns(&["tenant_id", "platform", "external_message_id(16)"]),
+        );
+        catalog.unique_indexes.insert(
+            ("session".to_string(), "ux_wider".to_string()),
+            columns(&["tenant_id", "platform", "customer_id", "agent_id", "id"]),
+        );
+        let problems = catalog.problems();
+        assert_eq!(
+            problems,
+            vec![
+                KeyProblem::NarrowerUniqueIndex {
+                    table: "customer",
+                    name: "ux_user".to_string(),
+                    columns: columns(&["external_user_id"]),
+                },
+                KeyProblem::NarrowerUniqueIndex {
+                    table: "message",
+                    name: "ux_prefix".to_string(),
+                    columns: columns(&["tenant_id", "platform", "external_message_id(16)"]),
+                },
+            ]
+        );
+        assert!(
+            problems[0]
+                .to_string()
+                .contains("drop it (`ALTER TABLE customer DROP INDEX ux_user`)"),
+            "{}",
+            problems[0]
         );
     }
 

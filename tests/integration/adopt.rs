@@ -87,6 +87,48 @@ async fn a_case_insensitive_id_column_is_refused_like_a_missing_key() {
     db.drop_now().await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_unique_index_on_a_prefix_of_an_id_is_refused_by_migrate_and_left_to_the_team_by_adopt() {
+    let (db, pool) = TestDatabase::migrated().await;
+    // Two users whose ids share 8 characters would be one customer to the upsert.
+    sqlx::query("ALTER TABLE customer ADD UNIQUE KEY ux_customer_user (external_user_id(8))")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let db_url = db.url();
+    let url = [("IM_INGEST__DATABASE__URL", db_url.as_str())];
+    let migrate = im_ingest(&["migrate"], &url);
+    let error = stderr_of(&migrate);
+    assert!(!migrate.status.success(), "{error}");
+    assert!(
+        error.contains(
+            "`customer` has the unique index `ux_customer_user` on (external_user_id(8))"
+        ) && error.contains("ALTER TABLE customer DROP INDEX ux_customer_user"),
+        "{error}"
+    );
+    let dry_run = im_ingest(&["adopt", "--dry-run"], &url);
+    let report = String::from_utf8_lossy(&dry_run.stdout).into_owned();
+    assert!(dry_run.status.success(), "{}", stderr_of(&dry_run));
+    assert!(
+        report.contains(
+            "to fix by hand before --apply: `customer` has the unique index `ux_customer_user`"
+        ),
+        "{report}"
+    );
+    let apply = im_ingest(&["adopt", "--apply"], &url);
+    let error = stderr_of(&apply);
+    assert!(!apply.status.success(), "{error}");
+    assert!(error.contains("adopt leaves these to you"), "{error}");
+    sqlx::query("ALTER TABLE customer DROP INDEX ux_customer_user")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let migrate = im_ingest(&["migrate"], &url);
+    assert!(migrate.status.success(), "{}", stderr_of(&migrate));
+    pool.close().await;
+    db.drop_now().await;
+}
+
 /// A pool on `db`.
 async fn pool_of(db: &TestDatabase) -> sqlx::MySqlPool {
     im_ingest::store::connect(&db.settings()).await.unwrap()

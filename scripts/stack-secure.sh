@@ -9,7 +9,9 @@
 #
 # Kafka:   SSL on SECURE_KAFKA_SSL_PORT (client certificate required) and SASL_SSL on
 #          SECURE_KAFKA_SASL_PORT (PLAIN user im_plain; SCRAM-SHA-256/512 user im_scram,
-#          created at format time); no plaintext listener for clients.
+#          created at format time); no plaintext listener for clients. The standard
+#          authorizer: ACLs apply to a resource that has some (kafka-tools' AclCommand is
+#          in the jars); CN=im-ingest, the broker and the controller listener are super.
 # MariaDB: TLS required (require_secure_transport); users im_admin (all rights on im_%
 #          databases: migrations) and im_worker (SELECT, INSERT, UPDATE, DELETE only).
 # Redis:   TLS only; the default user is off, ACL user im may run only what im-ingest
@@ -124,6 +126,13 @@ ssl.truststore.location=$TLS_DIR/ca.pem
 listener.name.ssl.ssl.client.auth=required
 listener.name.sasl_ssl.ssl.client.auth=none
 sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256,SCRAM-SHA-512
+# ACLs enforced where a resource has some (the tests give one principal exactly the
+# README's list); a resource without any stays open, so each test needs none. The
+# broker itself (its certificate, and the controller listener on loopback) and the
+# mTLS test client, which adds the ACLs, are super users.
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+allow.everyone.if.no.acl.found=true
+super.users=User:CN=localhost;User:CN=im-ingest;User:ANONYMOUS
 listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_im_plain="$(secret kafka_im_plain)";
 listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;

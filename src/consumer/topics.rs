@@ -180,9 +180,16 @@ async fn record_limit(
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             None => {
-                let cause = config
-                    .err()
-                    .map_or("not in its settings".to_string(), |c| c.to_string());
+                // The client drops the broker's error for one resource (an authorization
+                // failure among them) and hands back an empty description instead.
+                let cause = match &config {
+                    Err(code) => code.to_string(),
+                    Ok(config) if config.entries.is_empty() => "the broker returned none of \
+                        its settings: is DescribeConfigs on this topic allowed for the \
+                        worker's principal? (README, \"Security\")"
+                        .to_string(),
+                    Ok(_) => "not in its settings".to_string(),
+                };
                 anyhow::bail!("reading {RECORD_LIMIT} of topic {topic}: {cause}")
             }
         }

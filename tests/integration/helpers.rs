@@ -291,6 +291,15 @@ impl WorkerEnv {
         format!("{}-250", self.retry_prefix)
     }
 
+    /// Every delay topic of the default `retry.delays_ms`.
+    pub fn delay_topics(&self) -> Vec<String> {
+        im_ingest::config::RetrySettings::default()
+            .delays_ms
+            .iter()
+            .map(|delay| format!("{}-{delay}", self.retry_prefix))
+            .collect()
+    }
+
     pub fn vars(&self) -> Vec<(String, String)> {
         [
             ("IM_INGEST__KAFKA__BROKERS", brokers()),

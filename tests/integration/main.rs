@@ -31,6 +31,7 @@ mod retries;
 mod retry_headers;
 mod schema;
 mod secure;
+mod secure_acl;
 #[cfg(feature = "failpoints")]
 mod shutdown;
 mod stack_script;

@@ -17,17 +17,17 @@ use crate::unread::{message, AGENT};
 use crate::worker::{wait_for_count, WAIT};
 
 /// The secure stack's state directory (`IM_TEST_SECURE_DIR`, default `.stack/secure`).
-fn secure_dir() -> PathBuf {
+pub(crate) fn secure_dir() -> PathBuf {
     std::env::var_os("IM_TEST_SECURE_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".stack/secure"))
 }
 
-fn tls(name: &str) -> String {
+pub(crate) fn tls(name: &str) -> String {
     secure_dir().join("tls").join(name).display().to_string()
 }
 
-fn secret_file(name: &str) -> String {
+pub(crate) fn secret_file(name: &str) -> String {
     secure_dir()
         .join("secrets")
         .join(name)
@@ -35,7 +35,7 @@ fn secret_file(name: &str) -> String {
         .to_string()
 }
 
-fn secret(name: &str) -> String {
+pub(crate) fn secret(name: &str) -> String {
     std::fs::read_to_string(secret_file(name))
         .unwrap_or_else(|e| panic!("{name}: {e} (run scripts/stack.sh up --secure)"))
         .trim_end()
@@ -49,7 +49,7 @@ fn port(variable: &str, default: u16) -> u16 {
         .unwrap_or(default)
 }
 
-fn kafka_ssl() -> String {
+pub(crate) fn kafka_ssl() -> String {
     format!("127.0.0.1:{}", port("SECURE_KAFKA_SSL_PORT", 9192))
 }
 
@@ -61,13 +61,13 @@ fn mariadb() -> String {
     format!("127.0.0.1:{}", port("SECURE_MARIADB_PORT", 3307))
 }
 
-fn redis() -> String {
+pub(crate) fn redis() -> String {
     format!("127.0.0.1:{}", port("SECURE_REDIS_PORT", 6380))
 }
 
 /// How the worker reaches the secure broker.
 #[derive(Debug, Clone, Copy)]
-enum Transport {
+pub(crate) enum Transport {
     MutualTls,
     SaslPlain,
     Scram256,
@@ -102,7 +102,12 @@ impl Transport {
     }
 
     /// A producer that speaks the same transport.
-    fn producer(self) -> FutureProducer {
+    pub(crate) fn producer(self) -> FutureProducer {
+        self.client_config().create().unwrap()
+    }
+
+    /// A client configuration for the same transport (admin clients, consumers).
+    pub(crate) fn client_config(self) -> rdkafka::ClientConfig {
         let mut kafka = im_ingest::config::KafkaSettings::default();
         for (key, value) in self.settings() {
             match key {
@@ -122,7 +127,7 @@ impl Transport {
                 other => panic!("unmapped {other}"),
             }
         }
-        kafka.client_config().create().unwrap()
+        kafka.client_config()
     }
 }
 
@@ -154,7 +159,7 @@ fn redis_settings() -> Vec<(&'static str, String)> {
 
 /// A worker on the secure stack: Kafka over `transport`, the database as `im_worker`
 /// (no DDL rights, so `migrate_on_start` is off), Redis as ACL user `im` over TLS.
-fn secure_worker(transport: Transport) -> WorkerEnv {
+pub(crate) fn secure_worker(transport: Transport) -> WorkerEnv {
     let env = WorkerEnv::new(2);
     let database = env.database.clone();
     let mut env = env.with("DATABASE__MIGRATE_ON_START", "false");
@@ -181,14 +186,26 @@ fn vars_with(env: &WorkerEnv, overrides: &[(&str, String)]) -> Vec<(String, Stri
 }
 
 /// Applies the schema as `im_admin` with `im-ingest migrate` (the worker cannot).
-fn migrate_as_admin(env: &WorkerEnv) {
+pub(crate) fn migrate_as_admin(env: &WorkerEnv) {
     let vars = vars_with(env, &database_settings("im_admin", &env.database));
     let output = im_ingest(&["migrate"], &borrowed(&vars));
     assert!(output.status.success(), "migrate: {}", stderr_of(&output));
 }
 
+/// A Redis client as ACL user `im` over TLS.
+pub(crate) fn redis_client() -> redis::Client {
+    im_ingest::redis_client::open(&im_ingest::config::RedisSettings {
+        url: im_ingest::secret::SecretUrl::new(format!("rediss://{}", redis())),
+        username: Some("im".to_string()),
+        password: Some(im_ingest::secret::Secret::new(secret("redis_im"))),
+        tls_ca: Some(tls("ca.pem").into()),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
 /// A pool as `im_admin`, over TLS.
-async fn admin_pool(database: &str) -> MySqlPool {
+pub(crate) async fn admin_pool(database: &str) -> MySqlPool {
     let settings = im_ingest::config::DatabaseSettings {
         url: im_ingest::secret::SecretUrl::new(format!(
             "mysql://im_admin@{}/{database}",
@@ -202,7 +219,7 @@ async fn admin_pool(database: &str) -> MySqlPool {
     im_ingest::store::connect(&settings).await.unwrap()
 }
 
-async fn drop_database(pool: MySqlPool, database: &str) {
+pub(crate) async fn drop_database(pool: MySqlPool, database: &str) {
     sqlx::query(&format!("DROP DATABASE IF EXISTS `{database}`"))
         .execute(&pool)
         .await

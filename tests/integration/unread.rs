@@ -18,7 +18,7 @@ use crate::kafka_util::{produce, producer};
 use crate::worker::{finish, start, wait_until_all_committed, WAIT};
 
 pub const AGENT: &str = "agent-7";
-const PLATFORM: &str = "2";
+pub const PLATFORM: &str = "2";
 const DAY: i64 = 86_400_000;
 
 /// A chat message of `customer` to the agent, as a platform sends it.

@@ -184,10 +184,25 @@ pub async fn recount_sessions(
     let mut start = 0;
     while start <= max_id {
         let end = start + range - 1;
-        if let Some(expire_after) = expire_after {
-            derive_expiry_between(pool, start, end, expire_after).await?;
+        match expire_after {
+            Some(expire_after) => derive_expiry_between(pool, start, end, expire_after).await?,
+            // Expiry off: no watermark, as the worker drops it at a session's next message.
+            None => {
+                sqlx::query(
+                    "UPDATE session SET expired_up_to = NULL \
+                     WHERE id BETWEEN ? AND ? AND expired_up_to IS NOT NULL",
+                )
+                .bind(start)
+                .bind(end)
+                .execute(pool)
+                .await
+                .context("dropping expiry watermarks")?;
+            }
         }
-        let off: Vec<(i64, String, String, String)> = sqlx::query_as(&format!(
+        // Key columns read as optional: a team's nullable column may hold NULL (such a
+        // session is recounted; it names no agent whose copy to clear).
+        type Off = (i64, Option<String>, Option<String>, Option<String>);
+        let off: Vec<Off> = sqlx::query_as(&format!(
             "SELECT s.id, CAST(s.tenant_id AS CHAR), CAST(s.platform AS CHAR), \
              CAST(s.agent_id AS CHAR) FROM session s \
              WHERE s.id BETWEEN ? AND ? AND (s.unread_count <> {recount} \
@@ -202,8 +217,12 @@ pub async fn recount_sessions(
         // of which agents' Redis copies are behind, the note survives it.
         let range_agents: BTreeSet<Agent> = off
             .iter()
-            .map(|(_, tenant_id, platform, agent_id)| {
-                Agent::from((tenant_id.clone(), platform.clone(), agent_id.clone()))
+            .filter_map(|(_, tenant_id, platform, agent_id)| {
+                Some(Agent::from((
+                    tenant_id.clone()?,
+                    platform.clone()?,
+                    agent_id.clone()?,
+                )))
             })
             .collect();
         crate::unread::reconcile::note(pool, &range_agents)
@@ -249,9 +268,15 @@ async fn derive_expiry_between(
     }
     let ids: Vec<i64> = sessions.iter().map(|(id, _)| *id).collect();
     let mut connection = pool.acquire().await?;
-    let derived = crate::store::derive_expiry(&mut connection, &ids, expire_after)
-        .await
-        .context("deriving the sessions' expiry watermarks")?;
+    let mut derived = std::collections::HashMap::new();
+    // Well under the protocol's 65,535 placeholders per statement.
+    for chunk in ids.chunks(10_000) {
+        derived.extend(
+            crate::store::derive_expiry(&mut connection, chunk, expire_after)
+                .await
+                .context("deriving the sessions' expiry watermarks")?,
+        );
+    }
     for (id, current) in sessions {
         let wanted = derived.get(&id).copied();
         if wanted != current {

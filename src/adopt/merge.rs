@@ -340,7 +340,9 @@ async fn move_late_session(
     connection: &mut MySqlConnection,
     id: i64,
 ) -> Result<Merged, sqlx::Error> {
-    let late: Option<(i64, String, String, String)> = sqlx::query_as(&format!(
+    // A NULL key column (a team's nullable column) matches no other session: moved alone.
+    type Late = (i64, Option<String>, Option<String>, Option<String>);
+    let late: Option<Late> = sqlx::query_as(&format!(
         "SELECT m.survivor_id, CAST(s.tenant_id AS CHAR), CAST(s.platform AS CHAR), \
          CAST(s.agent_id AS CHAR) FROM session s JOIN {MAP_TABLE} m \
          ON m.table_name = 'customer' AND m.loser_id = s.customer_id WHERE s.id = ? FOR UPDATE"

@@ -80,9 +80,10 @@ pub enum KeyProblem {
         index: &'static str,
         columns: &'static [&'static str],
     },
-    /// A unique index that does not hold the whole natural key (other columns, fewer,
-    /// or a prefix of one): `ON DUPLICATE KEY UPDATE` would take another row for the one
-    /// it upserts. Adopt does not drop a team's index; the team does.
+    /// A unique index (the primary key included) that holds neither the whole natural
+    /// key nor `id` (other columns, fewer, or a prefix of one): an insert would collide
+    /// with another row (the upsert would take it for the one it upserts, a message would
+    /// be taken for a duplicate). Adopt does not drop a team's index; the team does.
     NarrowerUniqueIndex {
         table: &'static str,
         name: String,
@@ -139,10 +140,15 @@ impl std::fmt::Display for KeyProblem {
                 columns,
             } => write!(
                 f,
-                "`{table}` has the unique index `{name}` on ({}), which does not hold the \
-                 whole natural key: rows of different {table}s would be taken for one; drop \
-                 it (`ALTER TABLE {table} DROP INDEX {name}`)",
-                columns.join(", ")
+                "`{table}` has the unique index `{name}` on ({}), which holds neither the \
+                 whole natural key ({}) nor `id`: rows of different {table}s would be taken \
+                 for one; drop it (ALTER TABLE {table} DROP INDEX `{name}`)",
+                columns.join(", "),
+                NATURAL_KEYS
+                    .iter()
+                    .find(|key| key.table == *table)
+                    .map(|key| key.columns.join(", "))
+                    .unwrap_or_default()
             ),
             KeyProblem::AdoptInProgress => {
                 write!(f, "an `im-ingest adopt --apply` has not finished")
@@ -259,11 +265,11 @@ impl Catalog {
                 .map(|((_, name), _)| name.as_str())
                 .collect();
             for ((table, name), columns) in &self.unique_indexes {
-                let holds_key = key
-                    .columns
-                    .iter()
-                    .all(|column| columns.iter().any(|c| c == column));
-                if table == key.table && name != "PRIMARY" && !holds_key {
+                let holds = |column: &str| columns.iter().any(|c| c == column);
+                // Holding the key or the auto-increment id, it can only collide with the
+                // row the worker means (ids are never reused for another row).
+                let harmless = key.columns.iter().all(|column| holds(column)) || holds("id");
+                if table == key.table && !harmless {
                     problems.push(KeyProblem::NarrowerUniqueIndex {
                         table: key.table,
                         name: name.clone(),
@@ -309,13 +315,27 @@ impl Catalog {
 }
 
 /// Fails, naming `im-ingest adopt`, unless every existing table of ours has its natural
-/// key as a unique index over binary-collated id columns.
+/// key as a unique index over binary-collated id columns (and no narrower unique index:
+/// that one the team drops, adopt does not).
 pub async fn require_natural_keys(pool: &MySqlPool) -> anyhow::Result<()> {
-    let problems = Catalog::read(pool).await?.problems();
+    let (narrower, problems): (Vec<KeyProblem>, Vec<KeyProblem>) = Catalog::read(pool)
+        .await?
+        .problems()
+        .into_iter()
+        .partition(|problem| matches!(problem, KeyProblem::NarrowerUniqueIndex { .. }));
+    let narrower: Vec<String> = narrower.iter().map(ToString::to_string).collect();
+    anyhow::ensure!(
+        narrower.is_empty() || !problems.is_empty(),
+        "{}; then start again",
+        narrower.join("; ")
+    );
     if problems.is_empty() {
         return Ok(());
     }
-    let listed: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    let mut listed: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    if !narrower.is_empty() {
+        listed.push(format!("and first, by hand: {}", narrower.join("; ")));
+    }
     anyhow::bail!(
         "the tables lack the unique keys that keep rows single ({}): they may hold \
          duplicates; run `im-ingest adopt --dry-run` to see them and `im-ingest adopt \
@@ -403,7 +423,8 @@ mod tests {
     }
 
     #[test]
-    fn a_unique_index_on_part_of_a_key_or_a_prefix_is_refused_and_one_on_more_columns_is_not() {
+    fn a_unique_index_on_part_of_a_key_a_prefix_or_a_team_primary_key_is_refused_one_with_the_key_or_id_is_not(
+    ) {
         let mut catalog = catalog_of_our_schema();
         let columns = |names: &[&str]| names.iter().map(|c| c.to_string()).collect::<Vec<_>>();
         catalog.unique_indexes.insert(
@@ -415,8 +436,22 @@ mod tests {
             columns(&["tenant_id", "platform", "external_message_id(16)"]),
         );
         catalog.unique_indexes.insert(
+            ("message".to_string(), "PRIMARY".to_string()),
+            columns(&["external_message_id"]),
+        );
+        catalog.unique_indexes.insert(
             ("session".to_string(), "ux_wider".to_string()),
-            columns(&["tenant_id", "platform", "customer_id", "agent_id", "id"]),
+            columns(&[
+                "tenant_id",
+                "platform",
+                "customer_id",
+                "agent_id",
+                "read_up_to",
+            ]),
+        );
+        catalog.unique_indexes.insert(
+            ("customer".to_string(), "ux_id_nickname".to_string()),
+            columns(&["id", "nickname"]),
         );
         let problems = catalog.problems();
         assert_eq!(
@@ -429,6 +464,11 @@ mod tests {
                 },
                 KeyProblem::NarrowerUniqueIndex {
                     table: "message",
+                    name: "PRIMARY".to_string(),
+                    columns: columns(&["external_message_id"]),
+                },
+                KeyProblem::NarrowerUniqueIndex {
+                    table: "message",
                     name: "ux_prefix".to_string(),
                     columns: columns(&["tenant_id", "platform", "external_message_id(16)"]),
                 },
@@ -437,7 +477,7 @@ mod tests {
         assert!(
             problems[0]
                 .to_string()
-                .contains("drop it (`ALTER TABLE customer DROP INDEX ux_user`)"),
+                .contains("drop it (ALTER TABLE customer DROP INDEX `ux_user`)"),
             "{}",
             problems[0]
         );

@@ -131,6 +131,23 @@ async fn a_unique_index_on_a_prefix_of_an_id_is_refused_by_migrate_and_left_to_t
     db.drop_now().await;
 }
 
+/// `im-ingest adopt ARGS` on `db`, which must succeed; its report (stdout).
+fn adopt_ok(db: &TestDatabase, args: &[&str]) -> String {
+    let args: Vec<&str> = ["adopt"].iter().chain(args).copied().collect();
+    let output = im_ingest(&args, &[("IM_INGEST__DATABASE__URL", &db.url())]);
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Counts of rows that reference a missing customer or session, and of messages whose
+/// session belongs to another customer: each must be 0.
+const DANGLING: [&str; 4] = [
+        "SELECT COUNT(*) FROM session s LEFT JOIN customer c ON c.id = s.customer_id WHERE c.id IS NULL",
+        "SELECT COUNT(*) FROM message m LEFT JOIN customer c ON c.id = m.customer_id WHERE c.id IS NULL",
+        "SELECT COUNT(*) FROM message m LEFT JOIN session s ON s.id = m.session_id WHERE s.id IS NULL",
+        "SELECT COUNT(*) FROM message m JOIN session s ON s.id = m.session_id WHERE s.customer_id <> m.customer_id",
+];
+
 /// A pool on `db`.
 async fn pool_of(db: &TestDatabase) -> sqlx::MySqlPool {
     im_ingest::store::connect(&db.settings()).await.unwrap()
@@ -215,7 +232,8 @@ async fn end_state(pool: &sqlx::MySqlPool) -> Vec<String> {
     rows
 }
 
-async fn count(pool: &sqlx::MySqlPool, sql: &str) -> i64 {
+/// The one number `sql` selects (a count, an id).
+async fn scalar(pool: &sqlx::MySqlPool, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
 
@@ -227,12 +245,7 @@ async fn a_dry_run_reports_the_duplicates_by_table_and_changes_nothing() {
     let checksum = "CHECKSUM TABLE customer, session, message EXTENDED";
     let before: Vec<(String, Option<i64>)> =
         sqlx::query_as(checksum).fetch_all(&pool).await.unwrap();
-    let output = im_ingest(
-        &["adopt", "--dry-run"],
-        &[("IM_INGEST__DATABASE__URL", &db.url())],
-    );
-    let report = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(output.status.success(), "{}", stderr_of(&output));
+    let report = adopt_ok(&db, &["--dry-run"]);
     for expected in [
         "customer: 20 keys held by more than one row, 40 rows to remove",
         "message: 20 keys held by more than one row, 20 rows to remove",
@@ -244,7 +257,7 @@ async fn a_dry_run_reports_the_duplicates_by_table_and_changes_nothing() {
     let after: Vec<(String, Option<i64>)> =
         sqlx::query_as(checksum).fetch_all(&pool).await.unwrap();
     assert_eq!(before, after);
-    let map_tables = count(
+    let map_tables = scalar(
         &pool,
         "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() \
          AND TABLE_NAME = 'adopt_merged'",
@@ -318,7 +331,7 @@ async fn adopt_killed_mid_apply_and_run_again_ends_as_one_uninterrupted_run() {
     }
     slow.kill().unwrap();
     slow.wait().unwrap();
-    let customers_left = count(&killed_pool, "SELECT COUNT(*) FROM customer").await;
+    let customers_left = scalar(&killed_pool, "SELECT COUNT(*) FROM customer").await;
     assert!(
         customers_left > 62,
         "the kill came after the customers were merged"
@@ -330,31 +343,30 @@ async fn adopt_killed_mid_apply_and_run_again_ends_as_one_uninterrupted_run() {
         stderr_of(&output)
     );
     for db in [&killed, &whole] {
-        let output = im_ingest(
-            &["adopt", "--apply"],
-            &[("IM_INGEST__DATABASE__URL", &db.url())],
-        );
-        assert!(output.status.success(), "{}", stderr_of(&output));
+        adopt_ok(db, &["--apply"]);
     }
     let (killed_state, whole_state) = (end_state(&killed_pool).await, end_state(&whole_pool).await);
     assert_eq!(killed_state, whole_state);
     // The end state itself: one row per natural key, newest nickname, counts recounted.
     assert_eq!(
-        count(&whole_pool, "SELECT COUNT(*) FROM customer").await,
+        scalar(&whole_pool, "SELECT COUNT(*) FROM customer").await,
         62
     );
-    assert_eq!(count(&whole_pool, "SELECT COUNT(*) FROM session").await, 60);
     assert_eq!(
-        count(&whole_pool, "SELECT COUNT(*) FROM message").await,
+        scalar(&whole_pool, "SELECT COUNT(*) FROM session").await,
+        60
+    );
+    assert_eq!(
+        scalar(&whole_pool, "SELECT COUNT(*) FROM message").await,
         240
     );
-    let nicknames = count(
+    let nicknames = scalar(
         &whole_pool,
         "SELECT COUNT(*) FROM customer WHERE nickname = 'nick2'",
     )
     .await;
     assert_eq!(nicknames, 60);
-    let counted = count(
+    let counted = scalar(
         &whole_pool,
         "SELECT COUNT(*) FROM session WHERE unread_count = 4 AND last_message_at = 1003",
     )
@@ -450,7 +462,7 @@ async fn adopt_beside_a_naive_writer_still_inserting_ends_verified_with_nothing_
     // Seed: eight writers at once over the first half, racing check against insert.
     let (first, second) = records.split_at(records.len() / 2);
     naive_writers(pool.clone(), first.to_vec(), 8, false, None).await;
-    let extra = count(
+    let extra = scalar(
         &pool,
         "SELECT (SELECT COUNT(*) FROM customer) - (SELECT COUNT(DISTINCT external_user_id) FROM customer) \
          + (SELECT COUNT(*) FROM message) - (SELECT COUNT(DISTINCT external_message_id) FROM message)",
@@ -484,37 +496,23 @@ async fn adopt_beside_a_naive_writer_still_inserting_ends_verified_with_nothing_
     stop.store(true, Ordering::SeqCst);
     writer.await.unwrap();
     // The hand-over: with the writer stopped, adopt once more recounts what it wrote.
-    let output = im_ingest(
-        &["adopt", "--apply"],
-        &[("IM_INGEST__DATABASE__URL", &db.url())],
-    );
-    assert!(output.status.success(), "{}", stderr_of(&output));
-    for dangling in [
-        "SELECT COUNT(*) FROM session s LEFT JOIN customer c ON c.id = s.customer_id WHERE c.id IS NULL",
-        "SELECT COUNT(*) FROM message m LEFT JOIN customer c ON c.id = m.customer_id WHERE c.id IS NULL",
-        "SELECT COUNT(*) FROM message m LEFT JOIN session s ON s.id = m.session_id WHERE s.id IS NULL",
-        "SELECT COUNT(*) FROM message m JOIN session s ON s.id = m.session_id WHERE s.customer_id <> m.customer_id",
-    ] {
-        assert_eq!(count(&pool, dangling).await, 0, "{dangling}");
+    adopt_ok(&db, &["--apply"]);
+    for dangling in DANGLING {
+        assert_eq!(scalar(&pool, dangling).await, 0, "{dangling}");
     }
-    assert_eq!(count(&pool, "SELECT COUNT(*) FROM message").await, 480);
-    assert_eq!(count(&pool, "SELECT COUNT(*) FROM customer").await, 40);
+    assert_eq!(scalar(&pool, "SELECT COUNT(*) FROM message").await, 480);
+    assert_eq!(scalar(&pool, "SELECT COUNT(*) FROM customer").await, 40);
     im_ingest::store::require_natural_keys(&pool).await.unwrap();
     // `run` takes over: it starts, reads every record again and adds nothing.
     let worker = WorkerProcess::start(&env);
     wait_until_all_committed(&env, &worker).await;
     let (exit, log) = worker.stop_with_log();
     assert!(exit.is_some_and(|status| status.success()), "{log}");
-    assert_eq!(count(&pool, "SELECT COUNT(*) FROM message").await, 480);
+    assert_eq!(scalar(&pool, "SELECT COUNT(*) FROM message").await, 480);
     let (passed, report) = verify(&env);
     assert!(passed, "{report}");
     pool.close().await;
     db.drop_now().await;
-}
-
-/// The `id` of the one row `sql` finds.
-async fn id_of(pool: &sqlx::MySqlPool, sql: &str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -530,11 +528,7 @@ async fn without_foreign_keys_rows_written_with_merged_ids_move_to_the_survivors
         sqlx::query(statement).execute(&pool).await.unwrap();
     }
     seed_duplicates(&pool, 4).await;
-    let output = im_ingest(
-        &["adopt", "--apply"],
-        &[("IM_INGEST__DATABASE__URL", &db.url())],
-    );
-    assert!(output.status.success(), "{}", stderr_of(&output));
+    adopt_ok(&db, &["--apply"]);
     // A naive writer that read ids before the merge writes with them afterwards.
     let loser_customer = |user: &str| {
         format!(
@@ -542,18 +536,18 @@ async fn without_foreign_keys_rows_written_with_merged_ids_move_to_the_survivors
              WHERE m.table_name = 'customer' AND c.external_user_id = '{user}'"
         )
     };
-    let u0_customer = id_of(
+    let u0_customer = scalar(
         &pool,
         "SELECT id FROM customer WHERE external_user_id = 'u0'",
     )
     .await;
-    let u0_session = id_of(
+    let u0_session = scalar(
         &pool,
         &format!("SELECT id FROM session WHERE customer_id = {u0_customer}"),
     )
     .await;
-    let u0_loser_customer = id_of(&pool, &loser_customer("u0")).await;
-    let u0_loser_session = id_of(
+    let u0_loser_customer = scalar(&pool, &loser_customer("u0")).await;
+    let u0_loser_session = scalar(
         &pool,
         &format!(
             "SELECT MIN(loser_id) FROM adopt_merged WHERE table_name = 'session' \
@@ -561,8 +555,8 @@ async fn without_foreign_keys_rows_written_with_merged_ids_move_to_the_survivors
         ),
     )
     .await;
-    let u1_loser_customer = id_of(&pool, &loser_customer("u1")).await;
-    let u0_session_version = id_of(
+    let u1_loser_customer = scalar(&pool, &loser_customer("u1")).await;
+    let u0_session_version = scalar(
         &pool,
         &format!("SELECT CAST(unread_version AS SIGNED) FROM session WHERE id = {u0_session}"),
     )
@@ -607,24 +601,16 @@ async fn without_foreign_keys_rows_written_with_merged_ids_move_to_the_survivors
         .unwrap();
 
     // One row per batch: every finding query goes round more than once.
-    let output = im_ingest(
-        &["adopt", "--apply", "--batch", "1", "--pause-ms", "0"],
-        &[("IM_INGEST__DATABASE__URL", &db.url())],
-    );
-    assert!(output.status.success(), "{}", stderr_of(&output));
+    adopt_ok(&db, &["--apply", "--batch", "1", "--pause-ms", "0"]);
 
-    for dangling in [
-        "SELECT COUNT(*) FROM session s LEFT JOIN customer c ON c.id = s.customer_id WHERE c.id IS NULL",
-        "SELECT COUNT(*) FROM message m LEFT JOIN customer c ON c.id = m.customer_id WHERE c.id IS NULL",
-        "SELECT COUNT(*) FROM message m LEFT JOIN session s ON s.id = m.session_id WHERE s.id IS NULL",
-        "SELECT COUNT(*) FROM message m JOIN session s ON s.id = m.session_id WHERE s.customer_id <> m.customer_id",
+    for dangling in DANGLING.into_iter().chain([
         // Every loser maps to a row that exists: a survivor merged later is followed.
         "SELECT COUNT(*) FROM adopt_merged m LEFT JOIN session s ON s.id = m.survivor_id \
          WHERE m.table_name = 'session' AND s.id IS NULL",
         "SELECT COUNT(*) FROM adopt_merged m LEFT JOIN customer c ON c.id = m.survivor_id \
          WHERE m.table_name = 'customer' AND c.id IS NULL",
-    ] {
-        assert_eq!(count(&pool, dangling).await, 0, "{dangling}");
+    ]) {
+        assert_eq!(scalar(&pool, dangling).await, 0, "{dangling}");
     }
     let u0_sessions: Vec<(i64, i64, u32, Option<i64>)> = sqlx::query_as(
         "SELECT id, customer_id, unread_count, last_message_at FROM session \
@@ -635,7 +621,7 @@ async fn without_foreign_keys_rows_written_with_merged_ids_move_to_the_survivors
     .await
     .unwrap();
     assert_eq!(u0_sessions, vec![(1, u0_customer, 5, Some(2000))]);
-    let version = id_of(
+    let version = scalar(
         &pool,
         "SELECT CAST(unread_version AS SIGNED) FROM session WHERE id = 1",
     )
@@ -645,7 +631,7 @@ async fn without_foreign_keys_rows_written_with_merged_ids_move_to_the_survivors
         "the merged session's unread_version {version} is not above {u0_session_version}"
     );
     assert_eq!(
-        count(
+        scalar(
             &pool,
             "SELECT COUNT(*) FROM message WHERE session_id = 1 AND external_message_id LIKE 'u0-%'"
         )
@@ -667,8 +653,8 @@ async fn without_foreign_keys_rows_written_with_merged_ids_move_to_the_survivors
             .await
             .unwrap();
     assert_eq!(noted, ["agent-7", "agent-9"]);
-    assert_eq!(count(&pool, "SELECT COUNT(*) FROM customer").await, 4);
-    assert_eq!(count(&pool, "SELECT COUNT(*) FROM message").await, 18);
+    assert_eq!(scalar(&pool, "SELECT COUNT(*) FROM customer").await, 4);
+    assert_eq!(scalar(&pool, "SELECT COUNT(*) FROM message").await, 18);
     im_ingest::store::require_natural_keys(&pool).await.unwrap();
     pool.close().await;
     db.drop_now().await;
@@ -719,11 +705,7 @@ async fn with_expiry_on_adopt_counts_only_the_messages_after_the_last_silence() 
         .bind(session)
         .fetch_one(&pool)
     };
-    let output = im_ingest(
-        &["adopt", "--apply"],
-        &[("IM_INGEST__DATABASE__URL", &db.url())],
-    );
-    assert!(output.status.success(), "{}", stderr_of(&output));
+    adopt_ok(&db, &["--apply"]);
     assert_eq!(
         state().await.unwrap(),
         (None, 4),
@@ -751,23 +733,18 @@ async fn rows_with_a_null_in_a_nullable_key_column_are_reported_and_left_while_t
 {
     let db = database_without_unique_keys().await;
     let pool = pool_of(&db).await;
-    sqlx::query(
-        "ALTER TABLE customer MODIFY external_user_id VARCHAR(64) \
-         CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
-    sqlx::query(
-        "ALTER TABLE session MODIFY agent_id VARCHAR(64) \
-         CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    for (table, column) in [("customer", "external_user_id"), ("session", "agent_id")] {
+        sqlx::query(&format!(
+            "ALTER TABLE {table} MODIFY {column} VARCHAR(64) \
+             CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL"
+        ))
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
     seed_duplicates(&pool, 3).await;
     // A session without an agent, holding one message.
-    let customer = id_of(&pool, "SELECT MIN(id) FROM customer").await;
+    let customer = scalar(&pool, "SELECT MIN(id) FROM customer").await;
     let session = sqlx::query(
         "INSERT INTO session (tenant_id, platform, customer_id, agent_id) \
          VALUES ('t', '2', ?, NULL)",
@@ -795,12 +772,7 @@ async fn rows_with_a_null_in_a_nullable_key_column_are_reported_and_left_while_t
         .await
         .unwrap();
     }
-    let output = im_ingest(
-        &["adopt", "--dry-run"],
-        &[("IM_INGEST__DATABASE__URL", &db.url())],
-    );
-    let report = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(output.status.success(), "{}", stderr_of(&output));
+    let report = adopt_ok(&db, &["--dry-run"]);
     for expected in [
         "customer: 3 keys held by more than one row, 6 rows to remove",
         "customer: 2 rows with a NULL in the key, left as they are",
@@ -808,13 +780,9 @@ async fn rows_with_a_null_in_a_nullable_key_column_are_reported_and_left_while_t
     ] {
         assert!(report.contains(expected), "{expected:?} not in {report}");
     }
-    let output = im_ingest(
-        &["adopt", "--apply"],
-        &[("IM_INGEST__DATABASE__URL", &db.url())],
-    );
-    assert!(output.status.success(), "{}", stderr_of(&output));
+    adopt_ok(&db, &["--apply"]);
     assert_eq!(
-        count(
+        scalar(
             &pool,
             "SELECT COUNT(*) FROM customer WHERE external_user_id IS NULL"
         )
@@ -822,15 +790,15 @@ async fn rows_with_a_null_in_a_nullable_key_column_are_reported_and_left_while_t
         2
     );
     assert_eq!(
-        count(
+        scalar(
             &pool,
             "SELECT COUNT(*) FROM customer WHERE external_user_id IS NOT NULL"
         )
         .await,
         3
     );
-    assert_eq!(count(&pool, "SELECT COUNT(*) FROM message").await, 13);
-    let unread = count(
+    assert_eq!(scalar(&pool, "SELECT COUNT(*) FROM message").await, 13);
+    let unread = scalar(
         &pool,
         &format!("SELECT CAST(unread_count AS SIGNED) FROM session WHERE id = {session}"),
     )

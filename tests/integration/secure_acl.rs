@@ -112,6 +112,14 @@ fn records_on(topic: &str, partitions: i32) -> i64 {
         .sum()
 }
 
+/// Waits for `worker` to fail; its last log line (the cause).
+fn last_line_of_failure(mut worker: WorkerProcess) -> String {
+    let status = worker.wait_for_exit(Duration::from_secs(60));
+    let log = worker.log_text();
+    assert!(!status.success(), "{log}");
+    log.lines().last().unwrap_or_default().to_string()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_worker_runs_with_exactly_the_readmes_kafka_acls_and_stops_naming_one_taken_away() {
     let env = secure_worker(Transport::Scram256);
@@ -198,12 +206,9 @@ async fn the_worker_runs_with_exactly_the_readmes_kafka_acls_and_stops_naming_on
 
     // Without Write on the dead-letter topic, the next poison record stops the worker.
     acl.change("--remove", &dlq, &["Write"]);
-    let mut worker = WorkerProcess::start(&env);
+    let worker = WorkerProcess::start(&env);
     produce(&producer, &env.inbound, None, b"not json either").await;
-    let status = worker.wait_for_exit(Duration::from_secs(60));
-    let log = worker.log_text();
-    assert!(!status.success(), "{log}");
-    let last = log.lines().last().unwrap_or_default();
+    let last = last_line_of_failure(worker);
     assert!(
         last.contains(&env.dlq) && last.contains("not allowed"),
         "{last}"
@@ -212,11 +217,7 @@ async fn the_worker_runs_with_exactly_the_readmes_kafka_acls_and_stops_naming_on
 
     // Without DescribeConfigs on the inbound topic it stops at start, saying so.
     acl.change("--remove", &inbound, &["DescribeConfigs"]);
-    let mut worker = WorkerProcess::start(&env);
-    let status = worker.wait_for_exit(Duration::from_secs(60));
-    let log = worker.log_text();
-    assert!(!status.success(), "{log}");
-    let last = log.lines().last().unwrap_or_default();
+    let last = last_line_of_failure(WorkerProcess::start(&env));
     assert!(
         last.contains(&env.inbound) && last.contains("is DescribeConfigs on this topic allowed"),
         "{last}"

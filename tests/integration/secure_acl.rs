@@ -71,7 +71,9 @@ impl AclTool {
         let output = command.output().unwrap();
         assert!(
             output.status.success(),
-            "AclCommand {action} {resource:?}: {}{}",
+            "AclCommand {action} {resource:?} (\"No Authorizer is configured\": the secure \
+             Kafka predates its authorizer; `scripts/stack.sh down --secure` then `up --secure`): \
+             {}{}",
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );

@@ -148,21 +148,12 @@ share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 EOF
   )
-  local java_opts=(-Xms"$SECURE_KAFKA_HEAP" -Xmx"$SECURE_KAFKA_HEAP"
-    -Dlog4j2.configurationFile="$ROOT/scripts/kafka/log4j2.properties"
-    -Dkafka.logs.dir="$dir")
-  if [ ! -f "$dir/data/meta.properties" ]; then
-    local cluster_id scram
-    scram=$(secret kafka_im_scram)
-    cluster_id=$(java -cp "$KAFKA_LIB/*" "${java_opts[@]}" kafka.tools.StorageTool random-uuid) \
-      || die "kafka (secure): could not generate a cluster id"
-    java -cp "$KAFKA_LIB/*" "${java_opts[@]}" kafka.tools.StorageTool format \
-      -t "$cluster_id" -c "$dir/server.properties" --ignore-formatted \
-      --add-scram "SCRAM-SHA-256=[name=im_scram,password=$scram]" \
-      --add-scram "SCRAM-SHA-512=[name=im_scram,password=$scram]" >"$dir/format.log" 2>&1 \
-      || { cat "$dir/format.log" >&2; die "kafka (secure): formatting the log directory failed"; }
-  fi
-  spawn kafka java -cp "$KAFKA_LIB/*" "${java_opts[@]}" kafka.Kafka "$dir/server.properties"
+  # The SCRAM users go in at format time (the broker has no other store for them).
+  local scram
+  scram=$(secret kafka_im_scram)
+  format_and_start_kafka "kafka (secure)" "$dir" "$SECURE_KAFKA_HEAP" \
+    --add-scram "SCRAM-SHA-256=[name=im_scram,password=$scram]" \
+    --add-scram "SCRAM-SHA-512=[name=im_scram,password=$scram]"
 }
 
 start_secure_mariadb() {

@@ -210,19 +210,27 @@ EOF
 }
 
 start_kafka() {
-  local dir=$STACK_DIR/kafka
   install_kafka
   write_kafka_config
-  local java_opts=(-Xms"$KAFKA_HEAP" -Xmx"$KAFKA_HEAP"
+  format_and_start_kafka kafka "$STACK_DIR/kafka" "$KAFKA_HEAP"
+}
+
+# Formats the log directory under $2 on first use (arguments after the heap size go to
+# StorageTool format, e.g. SCRAM users) and starts the broker of $2/server.properties.
+# $1 names it in errors.
+format_and_start_kafka() {
+  local label=$1 dir=$2 heap=$3
+  shift 3
+  local java_opts=(-Xms"$heap" -Xmx"$heap"
     -Dlog4j2.configurationFile="$ROOT/scripts/kafka/log4j2.properties"
     -Dkafka.logs.dir="$dir")
   if [ ! -f "$dir/data/meta.properties" ]; then
     local cluster_id
     cluster_id=$(java -cp "$KAFKA_LIB/*" "${java_opts[@]}" kafka.tools.StorageTool random-uuid) \
-      || die "kafka: could not generate a cluster id"
+      || die "$label: could not generate a cluster id"
     java -cp "$KAFKA_LIB/*" "${java_opts[@]}" kafka.tools.StorageTool format \
-      -t "$cluster_id" -c "$dir/server.properties" --ignore-formatted >"$dir/format.log" 2>&1 \
-      || { cat "$dir/format.log" >&2; die "kafka: formatting the log directory failed"; }
+      -t "$cluster_id" -c "$dir/server.properties" --ignore-formatted "$@" >"$dir/format.log" 2>&1 \
+      || { cat "$dir/format.log" >&2; die "$label: formatting the log directory failed"; }
   fi
   spawn kafka java -cp "$KAFKA_LIB/*" "${java_opts[@]}" kafka.Kafka "$dir/server.properties"
 }

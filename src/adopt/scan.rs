@@ -10,7 +10,7 @@ use anyhow::Context;
 use serde::Serialize;
 use sqlx::MySqlPool;
 
-use crate::store::{Catalog, KeyProblem, NaturalKey, NATURAL_KEYS};
+use crate::store::{Catalog, KeyProblem, NaturalKey, BINARY_COLLATION, NATURAL_KEYS};
 
 /// Columns the worker reads and writes, per table: tables missing one are not shaped
 /// like ours, and `adopt` leaves them alone.
@@ -130,7 +130,8 @@ pub struct Survey {
 impl Survey {
     pub async fn read(pool: &MySqlPool) -> anyhow::Result<Self> {
         let mut survey = Self::default();
-        for problem in Catalog::read(pool).await?.problems() {
+        let catalog = Catalog::read(pool).await?;
+        for problem in catalog.problems() {
             match problem {
                 KeyProblem::MissingKey { table } => survey.keys_to_add.push(table.to_string()),
                 KeyProblem::NotBinary { table, column, .. } => {
@@ -146,9 +147,9 @@ impl Survey {
             }
         }
         let [customer, session, message] = &NATURAL_KEYS;
-        survey.customer = duplicates(pool, customer).await?;
-        survey.session = duplicates(pool, session).await?;
-        survey.message = duplicates(pool, message).await?;
+        survey.customer = duplicates(pool, &catalog, customer).await?;
+        survey.session = duplicates(pool, &catalog, session).await?;
+        survey.message = duplicates(pool, &catalog, message).await?;
         Ok(survey)
     }
 
@@ -162,13 +163,22 @@ impl Survey {
     }
 }
 
-/// The key's columns as the unique key will compare them.
-pub fn binary_columns(key: &NaturalKey) -> String {
+/// The key's columns as the unique key will compare them: a column that is not
+/// `utf8mb4_bin` yet converted in the query (which no index serves), one that is left
+/// as it is (so an index on the key, even a non-unique one, orders the `GROUP BY`).
+fn binary_columns(key: &NaturalKey, catalog: &Catalog) -> String {
     key.columns
         .iter()
-        .map(|column| match key.binary_columns.contains(column) {
-            true => format!("CONVERT({column} USING utf8mb4) COLLATE utf8mb4_bin"),
-            false => column.to_string(),
+        .map(|column| {
+            let collation = catalog
+                .collations
+                .get(&(key.table.to_string(), column.to_string()));
+            let convert = key.binary_columns.contains(column)
+                && collation.is_none_or(|collation| collation != BINARY_COLLATION);
+            match convert {
+                true => format!("CONVERT({column} USING utf8mb4) COLLATE {BINARY_COLLATION}"),
+                false => column.to_string(),
+            }
         })
         .collect::<Vec<_>>()
         .join(", ")
@@ -187,13 +197,17 @@ pub fn key_is_null(key: &NaturalKey, null: bool) -> String {
         .join(join)
 }
 
-async fn duplicates(pool: &MySqlPool, key: &NaturalKey) -> anyhow::Result<Duplicates> {
+async fn duplicates(
+    pool: &MySqlPool,
+    catalog: &Catalog,
+    key: &NaturalKey,
+) -> anyhow::Result<Duplicates> {
     let (keys, extra_rows): (i64, i64) = sqlx::query_as(&format!(
         "SELECT COUNT(*), CAST(COALESCE(SUM(n - 1), 0) AS SIGNED) FROM \
          (SELECT COUNT(*) AS n FROM {table} WHERE {complete} GROUP BY {columns} HAVING n > 1) AS d",
         table = key.table,
         complete = key_is_null(key, false),
-        columns = binary_columns(key),
+        columns = binary_columns(key, catalog),
     ))
     .fetch_one(pool)
     .await

@@ -1,7 +1,8 @@
 //! Merging the rows that share a natural key into the one with the lowest id.
 //!
 //! Guarantee: each key's rows are merged in one transaction that first locks them all
-//! (`FOR UPDATE`): the survivor takes the converging fields (each profile field
+//! (`FOR UPDATE`; messages, which nothing references, a batch of keys per transaction):
+//! the survivor takes the converging fields (each profile field
 //! newest-wins; the greatest `last_message_at`, `read_up_to`, `expired_up_to`), every
 //! row that pointed at a loser points at the survivor, the losers are deleted, and
 //! `adopt_merged` records loser → survivor. So a kill leaves each key merged or not,
@@ -71,7 +72,7 @@ pub struct Pace {
 }
 
 /// One value of a natural key.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Part {
     Text(String),
     Number(i64),
@@ -93,8 +94,13 @@ pub async fn merge_pass(
             return Ok(total);
         };
         after = Some(last.clone());
-        for parts in &keys {
-            total.add(with_retries(pool, Job::Key(key, parts)).await?);
+        if key.table == "message" {
+            // Nothing points at a message: the batch's keys merge in one transaction.
+            total.add(with_retries(pool, Job::Unreferenced(key, &keys)).await?);
+        } else {
+            for parts in &keys {
+                total.add(with_retries(pool, Job::Key(key, parts)).await?);
+            }
         }
         progress.set_message(format!(
             "{}: {} keys merged, {} rows removed",
@@ -118,16 +124,7 @@ async fn next_keys(
     limit: u32,
 ) -> anyhow::Result<Vec<Vec<Part>>> {
     let columns = key.columns.join(", ");
-    // Binary-collated columns come back as bytes unless cast.
-    let selected = key
-        .columns
-        .iter()
-        .map(|column| match key.binary_columns.contains(column) {
-            true => format!("CAST({column} AS CHAR)"),
-            false => column.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
+    let selected = selected_columns(key);
     // Rows with a NULL in the key are left alone: no unique key covers them.
     let mut query = QueryBuilder::<MySql>::new(format!(
         "SELECT {selected} FROM {} WHERE {} ",
@@ -161,17 +158,33 @@ async fn next_keys(
         .fetch_all(pool)
         .await
         .with_context(|| format!("finding the duplicates of `{}`", key.table))?;
-    rows.iter().map(|row| parts_of(key, row)).collect()
+    Ok(rows
+        .iter()
+        .map(|row| parts_from(key, row, 0))
+        .collect::<Result<_, _>>()?)
 }
 
-fn parts_of(key: &NaturalKey, row: &MySqlRow) -> anyhow::Result<Vec<Part>> {
+/// The key's columns for a `SELECT` (binary-collated ones come back as bytes unless cast).
+fn selected_columns(key: &NaturalKey) -> String {
+    key.columns
+        .iter()
+        .map(|column| match key.binary_columns.contains(column) {
+            true => format!("CAST({column} AS CHAR)"),
+            false => column.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The key's values from `row`, whose columns from `first` on are [`selected_columns`].
+fn parts_from(key: &NaturalKey, row: &MySqlRow, first: usize) -> Result<Vec<Part>, sqlx::Error> {
     key.columns
         .iter()
         .enumerate()
         .map(|(index, column)| {
             Ok(match key.binary_columns.contains(column) {
-                true => Part::Text(row.try_get(index)?),
-                false => Part::Number(row.try_get(index)?),
+                true => Part::Text(row.try_get(first + index)?),
+                false => Part::Number(row.try_get(first + index)?),
             })
         })
         .collect()
@@ -200,6 +213,8 @@ fn push_key_condition(query: &mut QueryBuilder<'_, MySql>, key: &NaturalKey, par
 enum Job<'a> {
     /// The rows holding one natural key.
     Key(&'a NaturalKey, &'a [Part]),
+    /// The rows holding any of these keys of a table no other table references.
+    Unreferenced(&'a NaturalKey, &'a [Vec<Part>]),
     /// A session written under a merged customer's id after that customer was merged.
     LateSession(i64),
 }
@@ -212,6 +227,7 @@ async fn with_retries(pool: &MySqlPool, job: Job<'_>) -> anyhow::Result<Merged> 
         let mut transaction = pool.begin().await?;
         let result = match job {
             Job::Key(key, parts) => merge_key(&mut transaction, key, parts).await,
+            Job::Unreferenced(key, keys) => merge_unreferenced(&mut transaction, key, keys).await,
             Job::LateSession(id) => move_late_session(&mut transaction, id).await,
         };
         let result = match result {
@@ -226,7 +242,9 @@ async fn with_retries(pool: &MySqlPool, job: Job<'_>) -> anyhow::Result<Merged> 
             }
             Err(error) => {
                 return Err(error).with_context(|| match job {
-                    Job::Key(key, _) => format!("merging a key of `{}`", key.table),
+                    Job::Key(key, _) | Job::Unreferenced(key, _) => {
+                        format!("merging keys of `{}`", key.table)
+                    }
                     Job::LateSession(id) => format!("moving session {id} to its customer"),
                 })
             }
@@ -269,6 +287,79 @@ async fn merge_key(
     select.push(" ORDER BY id FOR UPDATE");
     let rows = select.build().fetch_all(&mut *connection).await?;
     merge_rows(connection, key.table, &rows).await
+}
+
+/// Merges the rows of each of `keys` into its lowest id, for a table whose rows nothing
+/// references (so merging is deleting the others and mapping them): one locking read,
+/// one map insert, one map follow-up, one delete for the whole batch.
+async fn merge_unreferenced(
+    connection: &mut MySqlConnection,
+    key: &NaturalKey,
+    keys: &[Vec<Part>],
+) -> Result<Merged, sqlx::Error> {
+    let mut select = QueryBuilder::<MySql>::new(format!(
+        "SELECT id, {} FROM {} WHERE ",
+        selected_columns(key),
+        key.table
+    ));
+    for (index, parts) in keys.iter().enumerate() {
+        select.push(if index == 0 { "(" } else { " OR (" });
+        push_key_condition(&mut select, key, parts);
+        select.push(")");
+    }
+    select.push(" ORDER BY id FOR UPDATE");
+    let rows = select.build().fetch_all(&mut *connection).await?;
+    // Rows come in id order, so each key's first id is its survivor.
+    let mut survivors: std::collections::BTreeMap<Vec<Part>, i64> = Default::default();
+    let mut pairs: Vec<(i64, i64)> = Vec::new();
+    let mut merged_keys = std::collections::BTreeSet::new();
+    for row in &rows {
+        let id: i64 = row.try_get("id")?;
+        let parts = parts_from(key, row, 1)?;
+        match survivors.get(&parts) {
+            Some(survivor) => {
+                pairs.push((id, *survivor));
+                merged_keys.insert(parts);
+            }
+            None => {
+                survivors.insert(parts, id);
+            }
+        }
+    }
+    if pairs.is_empty() {
+        return Ok(Merged::default());
+    }
+    let mut map = QueryBuilder::<MySql>::new(format!(
+        "INSERT IGNORE INTO {MAP_TABLE} (table_name, loser_id, survivor_id) "
+    ));
+    map.push_values(&pairs, |mut row, (loser, survivor)| {
+        row.push_bind(key.table)
+            .push_bind(*loser)
+            .push_bind(*survivor);
+    });
+    map.build().execute(&mut *connection).await?;
+    let losers: Vec<i64> = pairs.iter().map(|(loser, _)| *loser).collect();
+    // As in `merge_rows`: map rows whose survivor loses now follow to the new one.
+    let mut follow = QueryBuilder::<MySql>::new(format!(
+        "UPDATE {MAP_TABLE} a JOIN {MAP_TABLE} b ON b.table_name = a.table_name \
+         AND b.loser_id = a.survivor_id SET a.survivor_id = b.survivor_id WHERE a.table_name = "
+    ));
+    follow.push_bind(key.table);
+    follow.push(" AND a.survivor_id IN (");
+    push_ids(&mut follow, &losers);
+    follow.build().execute(&mut *connection).await?;
+    let mut delete = QueryBuilder::<MySql>::new(format!("DELETE FROM {} WHERE id IN (", key.table));
+    push_ids(&mut delete, &losers);
+    let removed = delete
+        .build()
+        .execute(&mut *connection)
+        .await?
+        .rows_affected();
+    Ok(Merged {
+        keys: merged_keys.len() as u64,
+        removed,
+        repointed: 0,
+    })
 }
 
 /// Merges `rows` (locked, in id order, sharing a natural key or about to) into the first: the

@@ -94,12 +94,26 @@ pub async fn merge_pass(
             return Ok(total);
         };
         after = Some(last.clone());
-        if key.table == "message" {
-            // Nothing points at a message: the batch's keys merge in one transaction.
-            total.add(with_retries(pool, Job::Unreferenced(key, &keys)).await?);
-        } else {
-            for parts in &keys {
-                total.add(with_retries(pool, Job::Key(key, parts)).await?);
+        // Nothing points at a message: the batch's keys merge in one transaction. If
+        // writers keep deadlocking with its wider locks, key by key as the others.
+        let batched = match key.table {
+            "message" => with_retries(pool, Job::Unreferenced(key, &keys))
+                .await
+                .inspect_err(|error| {
+                    tracing::debug!(
+                        error = crate::telemetry::error_line(error),
+                        "merging the batch at once failed; key by key"
+                    )
+                })
+                .ok(),
+            _ => None,
+        };
+        match batched {
+            Some(merged) => total.add(merged),
+            None => {
+                for parts in &keys {
+                    total.add(with_retries(pool, Job::Key(key, parts)).await?);
+                }
             }
         }
         progress.set_message(format!(

@@ -71,6 +71,18 @@ pub struct Pace {
     pub pause: Duration,
 }
 
+/// Message keys merged in one transaction: few enough that the locking read stays a
+/// range read on the key's index (many more `OR`ed keys can turn it into a scan that
+/// locks the table) and its statements far below 65,535 placeholders.
+const KEYS_PER_TRANSACTION: usize = 200;
+
+/// Whether a failed job gave up on deadlocks or lock waits (writers on the same rows).
+fn is_contention(error: &anyhow::Error) -> bool {
+    error
+        .downcast_ref::<sqlx::Error>()
+        .is_some_and(crate::store::is_retryable)
+}
+
 /// One value of a natural key.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Part {
@@ -88,32 +100,35 @@ pub async fn merge_pass(
 ) -> anyhow::Result<Merged> {
     let mut total = Merged::default();
     let mut after: Option<Vec<Part>> = None;
+    let mut together = true;
     loop {
         let keys = next_keys(pool, key, after.as_deref(), pace.batch).await?;
         let Some(last) = keys.last() else {
             return Ok(total);
         };
         after = Some(last.clone());
-        // Nothing points at a message: the batch's keys merge in one transaction. If
-        // writers keep deadlocking with its wider locks, key by key as the others.
-        let batched = match key.table {
-            "message" => with_retries(pool, Job::Unreferenced(key, &keys))
-                .await
-                .inspect_err(|error| {
-                    tracing::debug!(
-                        error = crate::telemetry::error_line(error),
-                        "merging the batch at once failed; key by key"
-                    )
-                })
-                .ok(),
-            _ => None,
-        };
-        match batched {
-            Some(merged) => total.add(merged),
-            None => {
-                for parts in &keys {
-                    total.add(with_retries(pool, Job::Key(key, parts)).await?);
+        // Nothing points at a message: its keys merge [`KEYS_PER_TRANSACTION`] at a
+        // time. If writers keep deadlocking with those wider locks, the rest of the pass
+        // goes key by key like the other tables.
+        for chunk in keys.chunks(KEYS_PER_TRANSACTION) {
+            if key.table == "message" && together {
+                match with_retries(pool, Job::Unreferenced(key, chunk)).await {
+                    Ok(merged) => {
+                        total.add(merged);
+                        continue;
+                    }
+                    Err(error) if is_contention(&error) => {
+                        tracing::warn!(
+                            error = crate::telemetry::error_line(&error),
+                            "merging message keys together keeps meeting writers; key by key"
+                        );
+                        together = false;
+                    }
+                    Err(error) => return Err(error),
                 }
+            }
+            for parts in chunk {
+                total.add(with_retries(pool, Job::Key(key, parts)).await?);
             }
         }
         progress.set_message(format!(
@@ -329,7 +344,14 @@ async fn merge_unreferenced(
     let mut merged_keys = std::collections::BTreeSet::new();
     for row in &rows {
         let id: i64 = row.try_get("id")?;
-        let parts = parts_from(key, row, 1)?;
+        // Grouped as the key compares: `utf8mb4_bin` pads, so `a` and `a ` are one key.
+        let parts: Vec<Part> = parts_from(key, row, 1)?
+            .into_iter()
+            .map(|part| match part {
+                Part::Text(text) => Part::Text(text.trim_end_matches(' ').to_string()),
+                number => number,
+            })
+            .collect();
         match survivors.get(&parts) {
             Some(survivor) => {
                 pairs.push((id, *survivor));
@@ -343,32 +365,38 @@ async fn merge_unreferenced(
     if pairs.is_empty() {
         return Ok(Merged::default());
     }
-    let mut map = QueryBuilder::<MySql>::new(format!(
-        "INSERT IGNORE INTO {MAP_TABLE} (table_name, loser_id, survivor_id) "
-    ));
-    map.push_values(&pairs, |mut row, (loser, survivor)| {
-        row.push_bind(key.table)
-            .push_bind(*loser)
-            .push_bind(*survivor);
-    });
-    map.build().execute(&mut *connection).await?;
-    let losers: Vec<i64> = pairs.iter().map(|(loser, _)| *loser).collect();
-    // As in `merge_rows`: map rows whose survivor loses now follow to the new one.
-    let mut follow = QueryBuilder::<MySql>::new(format!(
-        "UPDATE {MAP_TABLE} a JOIN {MAP_TABLE} b ON b.table_name = a.table_name \
-         AND b.loser_id = a.survivor_id SET a.survivor_id = b.survivor_id WHERE a.table_name = "
-    ));
-    follow.push_bind(key.table);
-    follow.push(" AND a.survivor_id IN (");
-    push_ids(&mut follow, &losers);
-    follow.build().execute(&mut *connection).await?;
-    let mut delete = QueryBuilder::<MySql>::new(format!("DELETE FROM {} WHERE id IN (", key.table));
-    push_ids(&mut delete, &losers);
-    let removed = delete
-        .build()
-        .execute(&mut *connection)
-        .await?
-        .rows_affected();
+    // One key can hold very many rows: statements of at most 10,000 losers.
+    let mut removed = 0;
+    for pairs in pairs.chunks(10_000) {
+        let mut map = QueryBuilder::<MySql>::new(format!(
+            "INSERT IGNORE INTO {MAP_TABLE} (table_name, loser_id, survivor_id) "
+        ));
+        map.push_values(pairs, |mut row, (loser, survivor)| {
+            row.push_bind(key.table)
+                .push_bind(*loser)
+                .push_bind(*survivor);
+        });
+        map.build().execute(&mut *connection).await?;
+        let losers: Vec<i64> = pairs.iter().map(|(loser, _)| *loser).collect();
+        // As in `merge_rows`: map rows whose survivor loses now follow to the new one.
+        let mut follow = QueryBuilder::<MySql>::new(format!(
+            "UPDATE {MAP_TABLE} a JOIN {MAP_TABLE} b ON b.table_name = a.table_name \
+             AND b.loser_id = a.survivor_id SET a.survivor_id = b.survivor_id \
+             WHERE a.table_name = "
+        ));
+        follow.push_bind(key.table);
+        follow.push(" AND a.survivor_id IN (");
+        push_ids(&mut follow, &losers);
+        follow.build().execute(&mut *connection).await?;
+        let mut delete =
+            QueryBuilder::<MySql>::new(format!("DELETE FROM {} WHERE id IN (", key.table));
+        push_ids(&mut delete, &losers);
+        removed += delete
+            .build()
+            .execute(&mut *connection)
+            .await?
+            .rows_affected();
+    }
     Ok(Merged {
         keys: merged_keys.len() as u64,
         removed,

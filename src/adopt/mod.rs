@@ -7,8 +7,9 @@
 //! the workers to rebuild), adds the unique keys (online where the server can), records
 //! the migrations as applied, and ends with the check `run` makes: when it returns Ok,
 //! `im-ingest run` starts. Every step is idempotent and each key is merged in one
-//! transaction, so a run killed anywhere and run again reaches the same end state; a
-//! writer still inserting meanwhile is merged again until the keys are in.
+//! transaction (message keys, which nothing references, up to 200 per transaction), so
+//! a run killed anywhere and run again reaches the same end state; a writer still
+//! inserting meanwhile is merged again until the keys are in.
 
 mod finish;
 mod merge;
@@ -39,7 +40,8 @@ pub struct AdoptArgs {
     /// Merge the duplicates, convert the id columns, add the unique keys.
     #[arg(long)]
     pub apply: bool,
-    /// Duplicate keys merged per batch (each key in its own transaction).
+    /// Duplicate keys found and merged per batch (each customer or session key in its
+    /// own transaction, message keys up to 200 per transaction).
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub batch: u32,
     /// Pause after each batch, leaving the database to its other clients.

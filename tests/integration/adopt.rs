@@ -808,3 +808,42 @@ async fn rows_with_a_null_in_a_nullable_key_column_are_reported_and_left_while_t
     pool.close().await;
     db.drop_now().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn message_ids_differing_only_by_trailing_spaces_merge_as_the_unique_key_compares_them() {
+    let db = database_without_unique_keys().await;
+    let pool = pool_of(&db).await;
+    seed_duplicates(&pool, 1).await;
+    let session = scalar(&pool, "SELECT MIN(id) FROM session").await;
+    let customer = scalar(
+        &pool,
+        "SELECT customer_id FROM session WHERE id = (SELECT MIN(id) FROM session)",
+    )
+    .await;
+    // A naive writer stored what the worker refuses; `utf8mb4_bin` pads, so these three
+    // are one key to the unique index.
+    for id in ["pad ", "pad", "pad"] {
+        sqlx::query(
+            "INSERT INTO message (tenant_id, platform, external_message_id, session_id, \
+             customer_id, content, sent_at, source_topic, source_partition, source_offset) \
+             VALUES ('t', '2', ?, ?, ?, 'hi', 1, 'seed', 0, 0)",
+        )
+        .bind(id)
+        .bind(session)
+        .bind(customer)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let report = adopt_ok(&db, &["--apply", "--max-rounds", "2"]);
+    assert!(report.contains("1 round(s)"), "{report}");
+    let kept: Vec<String> = sqlx::query_scalar(
+        "SELECT CAST(external_message_id AS CHAR) FROM message WHERE external_message_id = 'pad'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(kept, ["pad "], "the lowest id survives, as it was spelled");
+    pool.close().await;
+    db.drop_now().await;
+}

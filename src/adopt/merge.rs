@@ -1,7 +1,7 @@
 //! Merging the rows that share a natural key into the one with the lowest id.
 //!
 //! Guarantee: each key's rows are merged in one transaction that first locks them all
-//! (`FOR UPDATE`; messages, which nothing references, a batch of keys per transaction):
+//! (`FOR UPDATE`; messages, which nothing references, up to 200 keys per transaction):
 //! the survivor takes the converging fields (each profile field
 //! newest-wins; the greatest `last_message_at`, `read_up_to`, `expired_up_to`), every
 //! row that pointed at a loser points at the survivor, the losers are deleted, and
@@ -75,6 +75,10 @@ pub struct Pace {
 /// range read on the key's index (many more `OR`ed keys can turn it into a scan that
 /// locks the table) and its statements far below 65,535 placeholders.
 const KEYS_PER_TRANSACTION: usize = 200;
+
+/// Ids bound in one statement: a key can hold very many rows, and a statement takes at
+/// most 65,535 placeholders (the map insert binds three per loser).
+const IDS_PER_STATEMENT: usize = 10_000;
 
 /// Whether a failed job gave up on deadlocks or lock waits (writers on the same rows).
 fn is_contention(error: &anyhow::Error) -> bool {
@@ -320,7 +324,8 @@ async fn merge_key(
 
 /// Merges the rows of each of `keys` into its lowest id, for a table whose rows nothing
 /// references (so merging is deleting the others and mapping them): one locking read,
-/// one map insert, one map follow-up, one delete for the whole batch.
+/// then one map insert, one map follow-up and one delete per [`IDS_PER_STATEMENT`]
+/// losers, all in the caller's transaction.
 async fn merge_unreferenced(
     connection: &mut MySqlConnection,
     key: &NaturalKey,
@@ -365,9 +370,8 @@ async fn merge_unreferenced(
     if pairs.is_empty() {
         return Ok(Merged::default());
     }
-    // One key can hold very many rows: statements of at most 10,000 losers.
     let mut removed = 0;
-    for pairs in pairs.chunks(10_000) {
+    for pairs in pairs.chunks(IDS_PER_STATEMENT) {
         let mut map = QueryBuilder::<MySql>::new(format!(
             "INSERT IGNORE INTO {MAP_TABLE} (table_name, loser_id, survivor_id) "
         ));
@@ -426,24 +430,44 @@ async fn merge_rows(
         repointed: 0,
     };
     match table {
+        "customer" => keep_newest_profile(connection, survivor, rows).await?,
+        "session" => keep_greatest_times(connection, survivor, rows).await?,
+        _ => {}
+    }
+    // All in the caller's transaction, in statements of at most [`IDS_PER_STATEMENT`]
+    // losers.
+    for losers in losers.chunks(IDS_PER_STATEMENT) {
+        merge_losers(connection, table, survivor, losers, &mut merged).await?;
+    }
+    Ok(merged)
+}
+
+/// [`merge_rows`]'s references, map and delete for some of the losers, counted into
+/// `merged`.
+async fn merge_losers(
+    connection: &mut MySqlConnection,
+    table: &'static str,
+    survivor: i64,
+    losers: &[i64],
+    merged: &mut Merged,
+) -> Result<(), sqlx::Error> {
+    match table {
         "customer" => {
-            keep_newest_profile(connection, survivor, rows).await?;
             merged.repointed +=
-                repoint(connection, "session", "customer_id", survivor, &losers).await?;
+                repoint(connection, "session", "customer_id", survivor, losers).await?;
             merged.repointed +=
-                repoint(connection, "message", "customer_id", survivor, &losers).await?;
+                repoint(connection, "message", "customer_id", survivor, losers).await?;
         }
         "session" => {
-            keep_greatest_times(connection, survivor, rows).await?;
             merged.repointed +=
-                repoint(connection, "message", "session_id", survivor, &losers).await?;
+                repoint(connection, "message", "session_id", survivor, losers).await?;
         }
         _ => {}
     }
     let mut map = QueryBuilder::<MySql>::new(format!(
         "INSERT IGNORE INTO {MAP_TABLE} (table_name, loser_id, survivor_id) "
     ));
-    map.push_values(&losers, |mut row, loser| {
+    map.push_values(losers, |mut row, loser| {
         row.push_bind(table).push_bind(*loser).push_bind(survivor);
     });
     map.build().execute(&mut *connection).await?;
@@ -454,16 +478,16 @@ async fn merge_rows(
     follow.push(" WHERE table_name = ");
     follow.push_bind(table);
     follow.push(" AND survivor_id IN (");
-    push_ids(&mut follow, &losers);
+    push_ids(&mut follow, losers);
     follow.build().execute(&mut *connection).await?;
     let mut delete = QueryBuilder::<MySql>::new(format!("DELETE FROM {table} WHERE id IN ("));
-    push_ids(&mut delete, &losers);
-    merged.removed = delete
+    push_ids(&mut delete, losers);
+    merged.removed += delete
         .build()
         .execute(&mut *connection)
         .await?
         .rows_affected();
-    Ok(merged)
+    Ok(())
 }
 
 /// Moves session `id`, written under a merged customer's id, to the survivor customer;

@@ -242,9 +242,7 @@ async fn a_dry_run_reports_the_duplicates_by_table_and_changes_nothing() {
     let db = database_without_unique_keys().await;
     let pool = pool_of(&db).await;
     seed_duplicates(&pool, 20).await;
-    let checksum = "CHECKSUM TABLE customer, session, message EXTENDED";
-    let before: Vec<(String, Option<i64>)> =
-        sqlx::query_as(checksum).fetch_all(&pool).await.unwrap();
+    let before = tables_and_contents(&pool).await;
     let report = adopt_ok(&db, &["--dry-run"]);
     for expected in [
         "customer: 20 keys held by more than one row, 40 rows to remove",
@@ -254,18 +252,37 @@ async fn a_dry_run_reports_the_duplicates_by_table_and_changes_nothing() {
     ] {
         assert!(report.contains(expected), "{expected:?} not in {report}");
     }
-    let after: Vec<(String, Option<i64>)> =
-        sqlx::query_as(checksum).fetch_all(&pool).await.unwrap();
-    assert_eq!(before, after);
-    let map_tables = scalar(
-        &pool,
-        "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() \
-         AND TABLE_NAME = 'adopt_merged'",
-    )
-    .await;
-    assert_eq!(map_tables, 0, "a dry run created the map table");
+    assert_eq!(before, tables_and_contents(&pool).await);
     pool.close().await;
     db.drop_now().await;
+}
+
+/// Every table of the database with its definition (`SHOW CREATE TABLE`) and its
+/// contents (`CHECKSUM TABLE … EXTENDED`), by name: a table added, dropped, altered or
+/// written shows.
+async fn tables_and_contents(pool: &sqlx::MySqlPool) -> Vec<(String, String, Option<i64>)> {
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT CAST(TABLE_NAME AS CHAR) FROM information_schema.TABLES \
+         WHERE TABLE_SCHEMA = DATABASE() ORDER BY TABLE_NAME",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let mut tables = Vec::new();
+    for name in names {
+        let (_, definition): (String, String) =
+            sqlx::query_as(&format!("SHOW CREATE TABLE `{name}`"))
+                .fetch_one(pool)
+                .await
+                .unwrap();
+        let (_, checksum): (String, Option<i64>) =
+            sqlx::query_as(&format!("CHECKSUM TABLE `{name}` EXTENDED"))
+                .fetch_one(pool)
+                .await
+                .unwrap();
+        tables.push((name, definition, checksum));
+    }
+    tables
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -387,14 +404,15 @@ async fn adopt_killed_mid_apply_and_run_again_ends_as_one_uninterrupted_run() {
 }
 
 /// Writes every record with the naive check-then-insert writer, `writers` at once, in
-/// the same order (they race on each record) or each in its own, and again until `stop`
-/// is set (when given); a write that fails (a deadlock, a loser deleted under it, a key
-/// added meanwhile) is tried again, as redelivery would.
+/// the same order (they race on each record) or each in its own, `pace` after each
+/// record, and again until `stop` is set (when given); a write that fails (a deadlock, a
+/// loser deleted under it, a key added meanwhile) is tried again, as redelivery would.
 async fn naive_writers(
     pool: sqlx::MySqlPool,
     records: Vec<(Record, ChatMessage)>,
     writers: usize,
     shuffled: bool,
+    pace: Duration,
     stop: Option<Arc<AtomicBool>>,
 ) -> u64 {
     let mut tasks = Vec::new();
@@ -416,6 +434,7 @@ async fn naive_writers(
                         assert!(attempt < 50, "a naive write kept failing: {error:#}");
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
+                    tokio::time::sleep(pace).await;
                 }
                 if stop.as_ref().is_none_or(|stop| stop.load(Ordering::SeqCst)) {
                     return retried;
@@ -430,8 +449,35 @@ async fn naive_writers(
     retried
 }
 
+/// The newest message id when adopt's mark (`adopt_in_progress`) was first seen, and
+/// the greatest seen while it stood, sampled until `stop`: the second above the first
+/// means a writer inserted while adopt ran.
+async fn newest_message_ids_while_adopting(
+    pool: sqlx::MySqlPool,
+    stop: Arc<AtomicBool>,
+) -> Option<(i64, i64)> {
+    let mut seen: Option<(i64, i64)> = None;
+    while !stop.load(Ordering::SeqCst) {
+        let (marked, newest): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT COUNT(*) FROM information_schema.TABLES WHERE \
+             TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'adopt_in_progress'), \
+             (SELECT COALESCE(MAX(id), 0) FROM message)",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if marked == 1 {
+            // The greatest seen: merging deletes losers, newest ones among them.
+            seen = Some(seen.map_or((newest, newest), |(first, last)| (first, last.max(newest))));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    seen
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn adopt_beside_a_naive_writer_still_inserting_ends_verified_with_nothing_lost_or_dangling() {
+    const CUSTOMERS: i64 = 200;
     let db = database_without_unique_keys().await;
     let env = WorkerEnv {
         database: db.name.clone(),
@@ -440,7 +486,7 @@ async fn adopt_beside_a_naive_writer_still_inserting_ends_verified_with_nothing_
     create_topics(&env).await;
     let producer = producer();
     let tenant = unique("adopt");
-    for c in 0..40 {
+    for c in 0..CUSTOMERS {
         for m in 0..12 {
             let id = format!("{tenant}-{c}-{m}");
             let value = message(&tenant, &format!("c{c}"), &id, 1_700_000_000_000 + m);
@@ -457,20 +503,21 @@ async fn adopt_beside_a_naive_writer_still_inserting_ends_verified_with_nothing_
             (record, chat)
         })
         .collect();
-    assert_eq!(records.len(), 480);
+    assert_eq!(records.len() as i64, CUSTOMERS * 12);
     let pool = pool_of(&db).await;
     // Seed: eight writers at once over the first half, racing check against insert.
     let (first, second) = records.split_at(records.len() / 2);
-    naive_writers(pool.clone(), first.to_vec(), 8, false, None).await;
+    naive_writers(pool.clone(), first.to_vec(), 8, false, Duration::ZERO, None).await;
     let extra = scalar(
         &pool,
         "SELECT (SELECT COUNT(*) FROM customer) - (SELECT COUNT(DISTINCT external_user_id) FROM customer) \
          + (SELECT COUNT(*) FROM message) - (SELECT COUNT(DISTINCT external_message_id) FROM message)",
     )
     .await;
-    assert!(extra >= 100, "only {extra} duplicate rows seeded");
+    assert!(extra >= 1_000, "only {extra} duplicate rows seeded");
     // Adopt while four writers go through the second half and the first again: the
-    // users being merged.
+    // users being merged (each user's records are in both halves), paced so that their
+    // inserts last beyond adopt's start.
     let again = [second, first].concat();
     let stop = Arc::new(AtomicBool::new(false));
     let writer = tokio::spawn(naive_writers(
@@ -478,7 +525,12 @@ async fn adopt_beside_a_naive_writer_still_inserting_ends_verified_with_nothing_
         again,
         4,
         true,
+        Duration::from_millis(5),
         Some(stop.clone()),
+    ));
+    let watch = tokio::spawn(newest_message_ids_while_adopting(
+        pool.clone(),
+        stop.clone(),
     ));
     let url = db.url();
     let adopt = tokio::task::spawn_blocking(move || {
@@ -494,21 +546,36 @@ async fn adopt_beside_a_naive_writer_still_inserting_ends_verified_with_nothing_
         "the writer stopped before adopt ended"
     );
     stop.store(true, Ordering::SeqCst);
-    writer.await.unwrap();
+    let retried = writer.await.unwrap();
+    let (first_seen, last_seen) = watch.await.unwrap().expect("adopt's mark was never seen");
+    assert!(
+        last_seen > first_seen,
+        "no message was inserted while adopt ran (newest id {first_seen} throughout; \
+         {retried} writes retried)"
+    );
     // The hand-over: with the writer stopped, adopt once more recounts what it wrote.
     adopt_ok(&db, &["--apply"]);
     for dangling in DANGLING {
         assert_eq!(scalar(&pool, dangling).await, 0, "{dangling}");
     }
-    assert_eq!(scalar(&pool, "SELECT COUNT(*) FROM message").await, 480);
-    assert_eq!(scalar(&pool, "SELECT COUNT(*) FROM customer").await, 40);
+    assert_eq!(
+        scalar(&pool, "SELECT COUNT(*) FROM message").await,
+        CUSTOMERS * 12
+    );
+    assert_eq!(
+        scalar(&pool, "SELECT COUNT(*) FROM customer").await,
+        CUSTOMERS
+    );
     im_ingest::store::require_natural_keys(&pool).await.unwrap();
     // `run` takes over: it starts, reads every record again and adds nothing.
     let worker = WorkerProcess::start(&env);
     wait_until_all_committed(&env, &worker).await;
     let (exit, log) = worker.stop_with_log();
     assert!(exit.is_some_and(|status| status.success()), "{log}");
-    assert_eq!(scalar(&pool, "SELECT COUNT(*) FROM message").await, 480);
+    assert_eq!(
+        scalar(&pool, "SELECT COUNT(*) FROM message").await,
+        CUSTOMERS * 12
+    );
     let (passed, report) = verify(&env);
     assert!(passed, "{report}");
     pool.close().await;
@@ -844,6 +911,75 @@ async fn message_ids_differing_only_by_trailing_spaces_merge_as_the_unique_key_c
     .await
     .unwrap();
     assert_eq!(kept, ["pad "], "the lowest id survives, as it was spelled");
+    pool.close().await;
+    db.drop_now().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_held_by_more_rows_than_one_statement_can_bind_merges_in_one_run() {
+    // 25,000 rows of one key: three placeholders per loser would pass the 65,535 a
+    // statement takes.
+    let db = database_without_unique_keys().await;
+    let pool = pool_of(&db).await;
+    let copies: i64 = 25_000;
+    for statement in [
+        format!(
+            "INSERT INTO customer (tenant_id, platform, external_user_id, nickname, nickname_at, \
+             nickname_message_id) SELECT 't', '2', 'big', CONCAT('nick', seq), seq, \
+             CONCAT('m', seq) FROM seq_1_to_{copies}"
+        ),
+        "INSERT INTO session (tenant_id, platform, customer_id, agent_id, last_message_at) \
+         SELECT 't', '2', id, 'agent-7', id FROM customer"
+            .to_string(),
+        // One message stored once per session, and one of each session's own.
+        "INSERT INTO message (tenant_id, platform, external_message_id, session_id, \
+         customer_id, content, sent_at, source_topic, source_partition, source_offset) \
+         SELECT 't', '2', 'big-1', id, customer_id, 'hi', 1, 'seed', 0, id FROM session"
+            .to_string(),
+        "INSERT INTO message (tenant_id, platform, external_message_id, session_id, \
+         customer_id, content, sent_at, source_topic, source_partition, source_offset) \
+         SELECT 't', '2', CONCAT('own-', id), id, customer_id, 'hi', 2, 'seed', 0, id \
+         FROM session"
+            .to_string(),
+    ] {
+        sqlx::query(&statement).execute(&pool).await.unwrap();
+    }
+    let report = adopt_ok(&db, &["--apply", "--pause-ms", "0"]);
+    assert!(report.contains("1 round(s)"), "{report}");
+    for (sql, expected) in [
+        ("SELECT COUNT(*) FROM customer", 1),
+        ("SELECT COUNT(*) FROM session", 1),
+        (
+            "SELECT COUNT(*) FROM message WHERE external_message_id = 'big-1'",
+            1,
+        ),
+        ("SELECT COUNT(*) FROM message", 1 + copies),
+        (
+            "SELECT COUNT(*) FROM adopt_merged WHERE table_name = 'customer'",
+            copies - 1,
+        ),
+        (
+            "SELECT COUNT(*) FROM adopt_merged WHERE table_name = 'session'",
+            copies - 1,
+        ),
+        (
+            "SELECT COUNT(*) FROM adopt_merged WHERE table_name = 'message'",
+            copies - 1,
+        ),
+        (
+            "SELECT CAST(unread_count AS SIGNED) FROM session",
+            1 + copies,
+        ),
+        (
+            "SELECT COUNT(*) FROM customer WHERE nickname = 'nick25000'",
+            1,
+        ),
+    ] {
+        assert_eq!(scalar(&pool, sql).await, expected, "{sql}");
+    }
+    for dangling in DANGLING {
+        assert_eq!(scalar(&pool, dangling).await, 0, "{dangling}");
+    }
     pool.close().await;
     db.drop_now().await;
 }

@@ -28,7 +28,7 @@ pub(super) async fn probe(settings: &Settings) -> Probe {
     match tokio::time::timeout(PROBE_LIMIT, ping).await {
         Ok(Ok(_)) => Probe::Ok,
         Ok(Err(error)) => classify(&error, &address).await,
-        Err(_) => classify_silence(&address).await,
+        Err(_) => classify_silence(&address, format!("no answer within {PROBE_LIMIT:?}")).await,
     }
 }
 
@@ -47,6 +47,9 @@ async fn classify(error: &redis::RedisError, address: &ConnectionAddr) -> Probe 
     if refused_us {
         return Probe::Misconfigured(cause);
     }
+    if error.is_timeout() {
+        return classify_silence(address, cause).await;
+    }
     if let (true, ConnectionAddr::Tcp(host, port)) = (error.is_connection_dropped(), address) {
         // Accepted, then closed before any answer: what a TLS-only server does with
         // plaintext, but also what a restarting one may do. Ask once more, by hand.
@@ -60,9 +63,9 @@ async fn classify(error: &redis::RedisError, address: &ConnectionAddr) -> Probe 
     Probe::Unreachable(cause)
 }
 
-/// No answer in time. A TLS client waits for a handshake a plaintext server never sends:
-/// ask in plaintext.
-async fn classify_silence(address: &ConnectionAddr) -> Probe {
+/// No answer in time (the client's response timeout, or the probe's limit). A TLS client
+/// waits for a handshake a plaintext server never sends: ask in plaintext.
+async fn classify_silence(address: &ConnectionAddr, cause: String) -> Probe {
     if let ConnectionAddr::TcpTls { host, port, .. } = address {
         if plaintext_ping(host, *port).await == Answer::Resp {
             return Probe::Misconfigured(format!(
@@ -70,7 +73,7 @@ async fn classify_silence(address: &ConnectionAddr) -> Probe {
             ));
         }
     }
-    Probe::Unreachable(format!("no answer within {PROBE_LIMIT:?}"))
+    Probe::Unreachable(cause)
 }
 
 #[derive(Debug, PartialEq, Eq)]

@@ -2,8 +2,9 @@
 //!
 //! Guarantee: every connection is made from `database.*` the same way (the URL; the
 //! password from `database.password` or its file, over one in the URL; the TLS mode and
-//! CA), so whatever `run` reaches, `migrate`, `replay`, `verify`, `reconcile` and `bench`
-//! reach too, and none of them logs the password (the URL is shown redacted).
+//! CA), so whatever `run` reaches, `migrate`, `replay`, `verify`, `reconcile`, `bench`
+//! and `adopt` reach too, and none of them logs the password (the URL is shown
+//! redacted).
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -432,6 +432,11 @@ async fn each_authentication_and_tls_mistake_stops_the_worker_at_start_naming_it
             ],
             &["Redis:", "rediss://"],
         ),
+        (
+            "Redis, TLS to a plaintext server (the plain stack's)",
+            vec![("REDIS__URL", "rediss://127.0.0.1:6379".into())],
+            &["Redis:", "use redis://"],
+        ),
     ];
     for (case, overrides, expected) in cases {
         let vars = vars_with(&env, &overrides);

@@ -21,7 +21,7 @@ pub use bounded::{write_batch, BatchConnection, BatchWriteError};
 pub use connect::{connect, connect_for_writes, connect_server};
 pub use keys::{
     require_natural_keys, Catalog, KeyProblem, NaturalKey, ADOPT_MARKER, BINARY_COLLATION,
-    NATURAL_KEYS,
+    NAMED_INDEXES, NATURAL_KEYS,
 };
 pub use migrate::{create_database_if_missing, migrate, MIGRATOR};
 pub use write::{

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::Context;
-use sqlx::MySqlPool;
+use sqlx::{MySql, MySqlPool, QueryBuilder};
 
 use crate::store::{
     mysql_error_number, Catalog, KeyProblem, BINARY_COLLATION, MIGRATOR, NATURAL_KEYS,
@@ -159,6 +159,11 @@ pub async fn add_keys(pool: &MySqlPool) -> anyhow::Result<KeysAdded> {
 /// The smallest `BIGINT`: a watermark that is not set.
 const NO_WATERMARK: &str = "-9223372036854775808";
 
+/// Sessions recounted by one statement: one round trip and one commit for many (one
+/// each had been a fifth of adopt's time on 100,000 sessions), few enough that the
+/// `IN` list stays a primary-key range and the rows it locks are held briefly.
+const SESSIONS_PER_UPDATE: usize = 200;
+
 /// Sets each session's `unread_count` to what its rows say and its `last_message_at` to
 /// at least its newest message (a naive writer kept neither) — with expiry on
 /// (`expire_after` ms), its `expired_up_to` first, from the silences between its
@@ -229,18 +234,25 @@ pub async fn recount_sessions(
             .await
             .context("noting the agents whose counts change")?;
         agents.extend(range_agents);
-        for (id, ..) in off {
-            changed += sqlx::query(&format!(
+        let ids: Vec<i64> = off.iter().map(|(id, ..)| *id).collect();
+        for ids in ids.chunks(SESSIONS_PER_UPDATE) {
+            let mut update = QueryBuilder::<MySql>::new(format!(
                 "UPDATE session s SET \
                  s.last_message_at = COALESCE(GREATEST(s.last_message_at, {newest}), s.last_message_at, {newest}), \
                  s.unread_count = {recount}, s.unread_version = s.unread_version + 1 \
-                 WHERE s.id = ?"
-            ))
-            .bind(id)
-            .execute(pool)
-            .await
-            .context("recounting a session")?
-            .rows_affected();
+                 WHERE s.id IN ("
+            ));
+            let mut list = update.separated(", ");
+            for id in ids {
+                list.push_bind(*id);
+            }
+            update.push(")");
+            changed += update
+                .build()
+                .execute(pool)
+                .await
+                .context("recounting sessions")?
+                .rows_affected();
         }
         start = end + 1;
         tokio::time::sleep(pause).await;

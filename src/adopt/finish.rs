@@ -236,28 +236,45 @@ pub async fn recount_sessions(
         agents.extend(range_agents);
         let ids: Vec<i64> = off.iter().map(|(id, ..)| *id).collect();
         for ids in ids.chunks(SESSIONS_PER_UPDATE) {
-            let mut update = QueryBuilder::<MySql>::new(format!(
-                "UPDATE session s SET \
-                 s.last_message_at = COALESCE(GREATEST(s.last_message_at, {newest}), s.last_message_at, {newest}), \
-                 s.unread_count = {recount}, s.unread_version = s.unread_version + 1 \
-                 WHERE s.id IN ("
-            ));
-            let mut list = update.separated(", ");
-            for id in ids {
-                list.push_bind(*id);
-            }
-            update.push(")");
-            changed += update
-                .build()
-                .execute(pool)
-                .await
-                .context("recounting sessions")?
-                .rows_affected();
+            changed += recount_with_retries(pool, &recount, newest, ids).await?;
         }
         start = end + 1;
         tokio::time::sleep(pause).await;
     }
     Ok((changed, agents))
+}
+
+/// Recounts the sessions `ids` in one statement. A deadlock or lock wait with a writer
+/// still inserting (its subqueries read the sessions' messages) is tried again, as the
+/// merges are: the statement is atomic and sets what the rows say.
+async fn recount_with_retries(
+    pool: &MySqlPool,
+    recount: &str,
+    newest: &str,
+    ids: &[i64],
+) -> anyhow::Result<u64> {
+    let mut attempt = 0;
+    loop {
+        let mut update = QueryBuilder::<MySql>::new(format!(
+            "UPDATE session s SET \
+             s.last_message_at = COALESCE(GREATEST(s.last_message_at, {newest}), s.last_message_at, {newest}), \
+             s.unread_count = {recount}, s.unread_version = s.unread_version + 1 \
+             WHERE s.id IN ("
+        ));
+        let mut list = update.separated(", ");
+        for id in ids {
+            list.push_bind(*id);
+        }
+        update.push(")");
+        match update.build().execute(pool).await {
+            Ok(done) => return Ok(done.rows_affected()),
+            Err(error) if crate::store::is_retryable(&error) && attempt < 5 => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
+            }
+            Err(error) => return Err(error).context("recounting sessions"),
+        }
+    }
 }
 
 /// Sets `expired_up_to` of the sessions with ids in `start..=end` to what the silences

@@ -434,7 +434,10 @@ async fn each_authentication_and_tls_mistake_stops_the_worker_at_start_naming_it
         ),
         (
             "Redis, TLS to a plaintext server (the plain stack's)",
-            vec![("REDIS__URL", "rediss://127.0.0.1:6379".into())],
+            vec![(
+                "REDIS__URL",
+                crate::helpers::redis_url().replacen("redis://", "rediss://", 1),
+            )],
             &["Redis:", "use redis://"],
         ),
     ];

@@ -204,7 +204,8 @@ async fn seed_duplicates(pool: &sqlx::MySqlPool, customers: usize) {
     }
 }
 
-/// The tables' contents that adopt decides, in id order.
+/// The tables' contents that adopt decides, in id order: rows, profiles, watermarks,
+/// the loser → survivor map and each table's definition.
 async fn end_state(pool: &sqlx::MySqlPool) -> Vec<String> {
     let mut rows: Vec<String> = Vec::new();
     let customers: Vec<(i64, String, Option<String>)> = sqlx::query_as(
@@ -229,6 +230,43 @@ async fn end_state(pool: &sqlx::MySqlPool) -> Vec<String> {
     .await
     .unwrap();
     rows.extend(messages.iter().map(|r| format!("message {r:?}")));
+    /// id, nickname_at, nickname_message_id, avatar
+    type Profile = (i64, Option<i64>, Option<String>, Option<String>);
+    let profiles: Vec<Profile> = sqlx::query_as(
+        "SELECT id, nickname_at, CAST(nickname_message_id AS CHAR), avatar FROM customer \
+         ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    rows.extend(profiles.iter().map(|r| format!("profile {r:?}")));
+    let watermarks: Vec<(i64, Option<i64>, Option<i64>)> =
+        sqlx::query_as("SELECT id, read_up_to, expired_up_to FROM session ORDER BY id")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    rows.extend(watermarks.iter().map(|r| format!("watermarks {r:?}")));
+    let map: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT CAST(table_name AS CHAR), loser_id, survivor_id FROM adopt_merged \
+         ORDER BY table_name, loser_id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    rows.extend(map.iter().map(|r| format!("map {r:?}")));
+    // The keys, indexes and collations adopt leaves (less the next auto-increment id).
+    for table in ["customer", "session", "message"] {
+        let (_, definition): (String, String) =
+            sqlx::query_as(&format!("SHOW CREATE TABLE {table}"))
+                .fetch_one(pool)
+                .await
+                .unwrap();
+        let definition: Vec<&str> = definition
+            .split(' ')
+            .filter(|word| !word.starts_with("AUTO_INCREMENT="))
+            .collect();
+        rows.push(definition.join(" "));
+    }
     rows
 }
 

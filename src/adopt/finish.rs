@@ -261,16 +261,12 @@ async fn recount_with_retries(
              s.unread_count = {recount}, s.unread_version = s.unread_version + 1 \
              WHERE s.id IN ("
         ));
-        let mut list = update.separated(", ");
-        for id in ids {
-            list.push_bind(*id);
-        }
-        update.push(")");
+        super::merge::push_ids(&mut update, ids);
         match update.build().execute(pool).await {
             Ok(done) => return Ok(done.rows_affected()),
-            Err(error) if crate::store::is_retryable(&error) && attempt < 5 => {
+            Err(error) if crate::store::is_retryable(&error) && attempt < super::merge::RETRIES => {
                 attempt += 1;
-                tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
+                tokio::time::sleep(super::merge::retry_pause(attempt)).await;
             }
             Err(error) => return Err(error).context("recounting sessions"),
         }

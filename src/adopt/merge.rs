@@ -80,6 +80,15 @@ const KEYS_PER_TRANSACTION: usize = 200;
 /// most 65,535 placeholders (the map insert binds three per loser).
 const IDS_PER_STATEMENT: usize = 10_000;
 
+/// Attempts after the first for a statement or transaction that met a writer (a
+/// deadlock, a lock wait timeout), each after [`retry_pause`].
+pub(super) const RETRIES: u64 = 5;
+
+/// The pause before retry `attempt` (1, 2, …): a little longer each time.
+pub(super) fn retry_pause(attempt: u64) -> Duration {
+    Duration::from_millis(20 * attempt)
+}
+
 /// Whether a failed job gave up on deadlocks or lock waits (writers on the same rows).
 fn is_contention(error: &anyhow::Error) -> bool {
     error
@@ -288,9 +297,9 @@ async fn with_retries(pool: &MySqlPool, job: Job<'_>) -> anyhow::Result<Merged> 
         };
         match result {
             Ok(merged) => return Ok(merged),
-            Err(error) if retryable(job, &error) && attempt < 5 => {
+            Err(error) if retryable(job, &error) && attempt < RETRIES => {
                 attempt += 1;
-                tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
+                tokio::time::sleep(retry_pause(attempt)).await;
             }
             Err(error) => {
                 return Err(error).with_context(|| match job {
@@ -391,34 +400,7 @@ async fn merge_unreferenced(
     }
     let mut removed = 0;
     for pairs in pairs.chunks(IDS_PER_STATEMENT) {
-        let mut map = QueryBuilder::<MySql>::new(format!(
-            "INSERT IGNORE INTO {MAP_TABLE} (table_name, loser_id, survivor_id) "
-        ));
-        map.push_values(pairs, |mut row, (loser, survivor)| {
-            row.push_bind(key.table)
-                .push_bind(*loser)
-                .push_bind(*survivor);
-        });
-        map.build().execute(&mut *connection).await?;
-        let losers: Vec<i64> = pairs.iter().map(|(loser, _)| *loser).collect();
-        // As in `merge_rows`: map rows whose survivor loses now follow to the new one.
-        let mut follow = QueryBuilder::<MySql>::new(format!(
-            "UPDATE {MAP_TABLE} a JOIN {MAP_TABLE} b ON b.table_name = a.table_name \
-             AND b.loser_id = a.survivor_id SET a.survivor_id = b.survivor_id \
-             WHERE a.table_name = "
-        ));
-        follow.push_bind(key.table);
-        follow.push(" AND a.survivor_id IN (");
-        push_ids(&mut follow, &losers);
-        follow.build().execute(&mut *connection).await?;
-        let mut delete =
-            QueryBuilder::<MySql>::new(format!("DELETE FROM {} WHERE id IN (", key.table));
-        push_ids(&mut delete, &losers);
-        removed += delete
-            .build()
-            .execute(&mut *connection)
-            .await?
-            .rows_affected();
+        removed += map_and_delete(connection, key.table, pairs).await?;
     }
     Ok(Merged {
         keys: merged_keys.len() as u64,
@@ -483,30 +465,44 @@ async fn merge_losers(
         }
         _ => {}
     }
+    let pairs: Vec<(i64, i64)> = losers.iter().map(|loser| (*loser, survivor)).collect();
+    merged.removed += map_and_delete(connection, table, &pairs).await?;
+    Ok(())
+}
+
+/// Records each (loser, survivor) of `pairs` in the map, makes map rows whose survivor
+/// is one of these losers follow to its survivor (a survivor of an earlier merge can
+/// lose now, to a late row with a lower id: whoever follows the map lands on a row that
+/// exists), and deletes the losers; returns the rows deleted. Survivors are never
+/// losers in the same transaction.
+async fn map_and_delete(
+    connection: &mut MySqlConnection,
+    table: &'static str,
+    pairs: &[(i64, i64)],
+) -> Result<u64, sqlx::Error> {
     let mut map = QueryBuilder::<MySql>::new(format!(
         "INSERT IGNORE INTO {MAP_TABLE} (table_name, loser_id, survivor_id) "
     ));
-    map.push_values(losers, |mut row, loser| {
-        row.push_bind(table).push_bind(*loser).push_bind(survivor);
+    map.push_values(pairs, |mut row, (loser, survivor)| {
+        row.push_bind(table).push_bind(*loser).push_bind(*survivor);
     });
     map.build().execute(&mut *connection).await?;
-    // A survivor of an earlier merge can lose now (a late row with a lower id took its
-    // key): whoever follows the map from its own losers lands on a row that exists.
-    let mut follow = QueryBuilder::<MySql>::new(format!("UPDATE {MAP_TABLE} SET survivor_id = "));
-    follow.push_bind(survivor);
-    follow.push(" WHERE table_name = ");
+    let losers: Vec<i64> = pairs.iter().map(|(loser, _)| *loser).collect();
+    let mut follow = QueryBuilder::<MySql>::new(format!(
+        "UPDATE {MAP_TABLE} a JOIN {MAP_TABLE} b ON b.table_name = a.table_name \
+         AND b.loser_id = a.survivor_id SET a.survivor_id = b.survivor_id WHERE a.table_name = "
+    ));
     follow.push_bind(table);
-    follow.push(" AND survivor_id IN (");
-    push_ids(&mut follow, losers);
+    follow.push(" AND a.survivor_id IN (");
+    push_ids(&mut follow, &losers);
     follow.build().execute(&mut *connection).await?;
     let mut delete = QueryBuilder::<MySql>::new(format!("DELETE FROM {table} WHERE id IN ("));
-    push_ids(&mut delete, losers);
-    merged.removed += delete
+    push_ids(&mut delete, &losers);
+    Ok(delete
         .build()
         .execute(&mut *connection)
         .await?
-        .rows_affected();
-    Ok(())
+        .rows_affected())
 }
 
 /// Moves session `id`, written under a merged customer's id, to the survivor customer;
@@ -579,7 +575,8 @@ async fn move_late_session(
     })
 }
 
-fn push_ids(query: &mut QueryBuilder<'_, MySql>, ids: &[i64]) {
+/// `?, ?, …)` for `ids`, closing the list the caller opened.
+pub(super) fn push_ids(query: &mut QueryBuilder<'_, MySql>, ids: &[i64]) {
     let mut list = query.separated(", ");
     for id in ids {
         list.push_bind(*id);
